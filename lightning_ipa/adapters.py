@@ -1,0 +1,82 @@
+"""The trainable adapter LM p_φ: a transformer body with its own output head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from torch import Tensor, nn
+
+from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
+
+
+@dataclass
+class AdapterConfig:
+    """How to build the adapter."""
+
+    name_or_path: Optional[str] = None
+    """Adapter checkpoint (hub name, folder, .gguf); None: the base's own checkpoint."""
+    num_layers: Optional[int] = 2
+    """Keep only the first k transformer layers (exactly the checkpoint's tensors); None: all."""
+    head: Literal["zeros", "pretrained"] = "zeros"
+    """Output head: 'zeros' = fresh untied zero head, so the tailored policy starts exactly at
+    the base; 'pretrained' = the checkpoint's own LM head (the paper's plain product of experts)."""
+    train_embeddings: bool = False
+    """Train the input embeddings too (a tied 'pretrained' head always trains them)."""
+    dtype: DType = "float32"
+    """Adapter weights' dtype (trained; keep float32 unless using mixed precision)."""
+
+
+class Adapter(nn.Module):
+    """A transformer body and an output head over the base's vocabulary."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    @classmethod
+    def build(cls, config: AdapterConfig, base: LocalBase) -> "Adapter":
+        """Load the adapter described by ``config``; its vocabulary must be the base's."""
+        path = resolve_pretrained(config.name_or_path) if config.name_or_path else base.path
+        if path != base.path:
+            check_same_vocabulary(base, path)
+        overrides = {} if config.num_layers is None else {"num_hidden_layers": config.num_layers}
+        lm = load_causal_lm(path, config.dtype, **overrides)
+        pretrained_head = lm.get_output_embeddings()
+        if pretrained_head.out_features != base.vocab_size:
+            raise ValueError(
+                f"adapter {path} predicts {pretrained_head.out_features} tokens but base {base.path} predicts "
+                f"{base.vocab_size}; IPA adds their log-probs token by token, so both need one vocabulary"
+            )
+        if config.head == "pretrained":
+            head = pretrained_head
+        else:
+            head = nn.Linear(pretrained_head.in_features, pretrained_head.out_features, bias=False, dtype=pretrained_head.weight.dtype)
+            nn.init.zeros_(head.weight)
+        body = lm.base_model
+        body.get_input_embeddings().requires_grad_(config.train_embeddings)
+        head.requires_grad_(True)
+        return cls(body, head)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.in_features
+
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False) -> tuple[Tensor, object]:
+        """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``)."""
+        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+        return out.last_hidden_state, out.cache
+
+
+def check_same_vocabulary(base: LocalBase, adapter_path: str) -> None:
+    """Fail at start-up, with both sizes, when the adapter's tokenizer differs from the base's."""
+    adapter_tokenizer = load_tokenizer(adapter_path)
+    if adapter_tokenizer.get_vocab() != base.tokenizer.get_vocab():
+        raise ValueError(
+            f"adapter tokenizer ({len(adapter_tokenizer)} tokens, {adapter_path}) differs from the base "
+            f"tokenizer ({len(base.tokenizer)} tokens, {base.path}); IPA combines the two models token by "
+            "token, so they must share one tokenizer: choose an adapter of the base's family, or leave "
+            "adapter.name_or_path unset to build the adapter from the base's first layers"
+        )
+

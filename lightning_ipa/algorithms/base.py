@@ -1,0 +1,56 @@
+"""What every RL algorithm for the adapter provides."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..types import Experience, LossOutput, PolicyEval, Rollout, select
+from .functional import adaptive_kl_coef
+
+
+class Algorithm(nn.Module, ABC):
+    """An RL algorithm: turns a scored rollout into experience, and experience into a loss.
+
+    Its parameters (e.g. a value head) and buffers (e.g. the KL coefficient) are trained and
+    checkpointed with the adapter.
+    """
+
+    samples_per_prompt: int = 1
+
+    def __init__(self, epochs: int, minibatch_size: Optional[int], kl_coef: float, kl_target: Optional[float], kl_horizon: int):
+        super().__init__()
+        self.epochs = epochs
+        self.minibatch_size = minibatch_size
+        self.kl_target = kl_target
+        self.kl_horizon = kl_horizon
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
+
+    def setup(self, hidden_size: int) -> None:
+        """Build what depends on the adapter (e.g. a value head over its hidden states)."""
+
+    @abstractmethod
+    def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
+        """Advantages (and value targets) from a rollout and its scores [B]."""
+
+    @abstractmethod
+    def loss(self, evaluation: PolicyEval, experience: Experience) -> LossOutput:
+        """The loss of a minibatch, given the policy re-evaluated on its tokens."""
+
+    def minibatches(self, experience: Experience) -> Iterator[Experience]:
+        """``epochs`` shuffled passes over the experience, in minibatches."""
+        size = experience.advantages.shape[0]
+        step = self.minibatch_size or size
+        for _ in range(self.epochs):
+            order = torch.randperm(size, device=experience.advantages.device)
+            for start in range(0, size, step):
+                yield select(experience, order[start : start + step])
+
+    @torch.no_grad()
+    def update_kl_coef(self, kl: Tensor, n_samples: int) -> None:
+        """Adapt the KL coefficient towards ``kl_target`` (fixed when it is None)."""
+        if self.kl_target is not None:
+            self.kl_coef.copy_(adaptive_kl_coef(self.kl_coef, kl, self.kl_target, self.kl_horizon, n_samples))

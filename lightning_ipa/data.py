@@ -1,0 +1,66 @@
+"""Prompt datasets: lists of ``{"prompt": str, "meta": dict}`` served in batches."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+PromptBatch = dict[str, list]  # {"prompt": [B] texts, "meta": [B] dicts for the reward}
+
+
+def collate_prompts(items: Sequence[dict[str, Any]]) -> PromptBatch:
+    return {"prompt": [item["prompt"] for item in items], "meta": [item["meta"] for item in items]}
+
+
+def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
+    """Each prompt k times in a row (k samples per prompt stay consecutive)."""
+    return {key: [value for value in values for _ in range(k)] for key, values in batch.items()}
+
+
+class PromptDataModule(LightningDataModule):
+    """Serves prompt splits; a task's subclass fills ``self.splits`` in ``setup``.
+
+    ``predict`` uses the ``"predict"`` split when the task has one, else ``"val"``.
+    """
+
+    def __init__(self, batch_size: int = 8, eval_batch_size: int = 32, num_workers: int = 0):
+        """
+        Args:
+            batch_size: Prompts per RL step and device (samples = prompts × the algorithm's samples_per_prompt).
+            eval_batch_size: Prompts per validation/test/predict batch.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "val")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.splits else "val")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        raise NotImplementedError

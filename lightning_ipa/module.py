@@ -1,0 +1,185 @@
+"""IPAModule: the frozen base, the trainable adapter and the reward-driven RL step."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from .adapters import Adapter, AdapterConfig
+from .algorithms import RLOO, Algorithm
+from .bases import LocalBase
+from .data import PromptBatch, repeat_prompts
+from .metrics import DistinctN
+from .policy import Sampling, TailoredPolicy
+from .rewards import Reward
+from .types import Rollout
+
+POLICIES = ("tailored", "base")
+
+
+class IPAModule(LightningModule):
+    """Inference-time Policy Adapter: trains an adapter so that base ⊗ adapter^α maximises a reward."""
+
+    def __init__(
+        self,
+        base: LocalBase,
+        reward: Reward,
+        algorithm: Optional[Algorithm] = None,
+        adapter: AdapterConfig = AdapterConfig(),
+        alpha: float = 1.0,
+        sampling: Sampling = Sampling(),
+        lr: float = 1e-4,
+        head_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        max_grad_norm: Optional[float] = 1.0,
+        eval_seed: int = 1234,
+        num_logged_samples: int = 8,
+    ):
+        """
+        Args:
+            base: The frozen base LM (never trained, never checkpointed).
+            reward: What the tailored policy should maximise.
+            algorithm: The RL algorithm that trains the adapter (None: RLOO with its defaults).
+            adapter: How to build the adapter.
+            alpha: Weight α of the adapter in log_softmax(base) + α·adapter.
+            sampling: Decoding settings for rollouts, validation, test and predict.
+            lr: Learning rate of the adapter's transformer layers.
+            head_lr: Learning rate of the adapter's output head and the algorithm's own parameters.
+            weight_decay: AdamW weight decay.
+            max_grad_norm: Gradient-norm clip per update (None: off).
+            eval_seed: Seed of validation/test/predict sampling, so every evaluation sees the same draws.
+            num_logged_samples: Validation samples shown in TensorBoard's text table.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave the frozen base out
+        self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
+        self.reward = reward
+        self.algorithm = algorithm or RLOO()
+        self.algorithm.setup(self.policy.adapter.hidden_size)
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{policy}": self._evaluators() for stage in ("val", "test") for policy in POLICIES}
+        )
+        self.samples: list[dict[str, Any]] = []  # a few validation samples, for the SampleTable callback
+        self._base_samples: dict[tuple[str, ...], list[str]] = {}  # the frozen base's eval draws are fixed
+
+    def _evaluators(self) -> nn.ModuleDict:
+        means = {name: MeanMetric() for name in ("reward", *self.reward.names)}
+        return nn.ModuleDict({**means, "distinct_2": DistinctN(2)})
+
+    @property
+    def tokenizer(self):
+        return self.policy.base.tokenizer
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Response texts (for rewards and logs only; training uses the token ids)."""
+        return self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        batch = repeat_prompts(batch, self.algorithm.samples_per_prompt)
+        # 1. Sample responses from the tailored policy (the only place the base runs: once per token).
+        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]))
+        # 2. Score the decoded responses.
+        scores = self.score(batch, self.decode(rollout))
+        # 3. Turn rewards into advantages (and value targets).
+        experience = self.algorithm.prepare(rollout, scores["reward"])
+        # 4. Epochs × minibatches of adapter updates; the base's log-probs come from the rollout.
+        losses = []
+        for minibatch in self.algorithm.minibatches(experience):
+            loss = self.algorithm.loss(self.policy.evaluate(minibatch.rollout), minibatch)
+            optimizer.zero_grad()
+            self.manual_backward(loss.loss)
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.stats)
+        # 5. Log what happened.
+        self.log_training(rollout, scores, losses)
+
+    def score(self, batch: PromptBatch, responses: list[str]) -> dict[str, Tensor]:
+        scores = self.reward(batch["prompt"], responses, batch["meta"])
+        return {name: torch.as_tensor(value, dtype=torch.float32, device=self.device) for name, value in scores.items()}
+
+    def log_training(self, rollout: Rollout, scores: dict[str, Tensor], losses: list[dict[str, Tensor]]) -> None:
+        n = len(rollout.response_ids)
+        logs = {f"train/{name}": value.mean() for name, value in scores.items()}
+        logs["train/kl"] = rollout.kl.sum(-1).mean()
+        logs["train/kl_coef"] = self.algorithm.kl_coef
+        logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
+        logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
+        shown = {"train/reward", "train/kl"}
+        self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)
+        self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=n)
+
+    # ---- evaluation: the base alone and the tailored policy on the same prompts ----
+
+    def generate(self, prompts: list[str], batch_idx: int) -> dict[str, list[str]]:
+        """Tailored and base-alone responses, drawn with a seed fixed per batch."""
+        encoded = self.policy.base.encode(prompts)
+        generator = torch.Generator(self.device).manual_seed(self.hparams.eval_seed + batch_idx)
+        tailored = self.decode(self.policy.sample(encoded, generator))
+        key = tuple(prompts)
+        if key not in self._base_samples:
+            generator.manual_seed(self.hparams.eval_seed + batch_idx)
+            self._base_samples[key] = self.decode(self.policy.sample(encoded, generator, use_adapter=False))
+        return {"tailored": tailored, "base": self._base_samples[key]}
+
+    def _evaluate(self, batch: PromptBatch, batch_idx: int, stage: str) -> None:
+        responses = self.generate(batch["prompt"], batch_idx)
+        scores = {policy: self.score(batch, texts) for policy, texts in responses.items()}
+        for policy, texts in responses.items():
+            metrics = self.metrics[f"{stage}_{policy}"]
+            for name, metric in metrics.items():
+                if isinstance(metric, DistinctN):
+                    metric.update(texts)
+                else:
+                    metric.update(scores[policy][name])
+                self.log(f"{stage}/{name}/{policy}", metric, batch_size=len(texts))
+        if stage == "val" and batch_idx == 0:
+            self.samples = [
+                {"prompt": p, **{policy: responses[policy][i] for policy in POLICIES}, **{f"reward_{policy}": scores[policy]["reward"][i].item() for policy in POLICIES}}
+                for i, p in enumerate(batch["prompt"][: self.hparams.num_logged_samples])
+            ]
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
+        responses = self.generate(batch["prompt"], batch_idx)
+        rewards = {policy: self.score(batch, texts)["reward"].tolist() for policy, texts in responses.items()}
+        return [
+            {"prompt": prompt, **{policy: responses[policy][i] for policy in POLICIES}, **{f"reward_{policy}": rewards[policy][i] for policy in POLICIES}}
+            for i, prompt in enumerate(batch["prompt"])
+        ]
+
+    # ---- optimisation and checkpoints ----
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        head = list(self.policy.adapter.head.parameters()) + list(self.algorithm.parameters())
+        head_ids = {id(p) for p in head}
+        body = [p for p in self.policy.adapter.body.parameters() if p.requires_grad and id(p) not in head_ids]
+        return torch.optim.AdamW(
+            [{"params": body, "lr": self.hparams.lr}, {"params": head, "lr": self.hparams.head_lr}],
+            weight_decay=self.hparams.weight_decay,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("policy.base.")}
+        hparams = checkpoint.get("hyper_parameters", {})
+        for name in [k for k, v in hparams.items() if isinstance(v, nn.Module)]:
+            del hparams[name]  # a base passed as an object (outside the CLI) is not saved either
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if checkpoint["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])

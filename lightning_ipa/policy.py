@@ -1,0 +1,160 @@
+"""The tailored policy: p(x_t | x_<t) ∝ p_base(x_t | x_<t) · p_adapter(x_t | x_<t)^α."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter
+from .bases import LocalBase
+from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
+
+NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider nuclei fall back to a full sort
+
+
+@dataclass
+class Sampling:
+    """Decoding settings of the tailored policy (rollouts, validation and predict alike)."""
+
+    max_new_tokens: int = 32
+    """Response length limit in tokens."""
+    min_new_tokens: int = 1
+    """EOS is impossible before this many tokens (part of the policy, so the loss sees it too)."""
+    temperature: float = 1.0
+    """Divides the combined log-probs; part of the policy's distribution."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off). A sampling filter, not part of the loss."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss."""
+
+    def __post_init__(self):
+        if not 1 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"need 1 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {self}")
+
+
+def sample_token(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Exact top-k / top-p sampling of one token per row from log-probs [B, V] → ids [B].
+
+    Same kept set as transformers' TopK then TopP warpers, but without sorting the whole
+    vocabulary: the nucleus is sought among the best ``NUCLEUS_CANDIDATES`` tokens and only
+    rows whose nucleus is wider are fully sorted.
+    """
+    vocab = logprobs.shape[-1]
+    k = min(top_k or vocab, vocab)
+    if k == vocab and top_p >= 1.0:
+        return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    width = k if k < vocab else min(vocab, NUCLEUS_CANDIDATES)
+    values, ids = logprobs.topk(width, dim=-1)  # sorted, best first
+    probs = values.exp()
+    probs = probs / probs.sum(-1, keepdim=True) if k < vocab else probs  # renormalise within top-k
+    cumulative = probs.cumsum(-1)
+    keep = cumulative - probs < top_p  # mass strictly before a token < p (never empty)
+    choice = torch.multinomial(probs * keep, 1, generator=generator).squeeze(-1)
+    tokens = ids.gather(-1, choice[:, None]).squeeze(-1)
+    wider = (cumulative[:, -1] < top_p) & (k == vocab)  # nucleus continues past the candidates
+    if wider.any():
+        tokens[wider] = _full_nucleus(logprobs[wider], top_p, generator)
+    return tokens
+
+
+def _full_nucleus(logprobs: Tensor, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
+    probs, ids = logprobs.exp().sort(dim=-1, descending=True)
+    keep = probs.cumsum(-1) - probs < top_p
+    choice = torch.multinomial(probs * keep, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)
+
+
+class TailoredPolicy(nn.Module):
+    """Base and adapter decoded in lockstep as a product of experts.
+
+    ``log_softmax(base) + α·adapter`` (then temperature) defines the policy everywhere: in
+    rollouts, in the training loss and at inference. Top-k/top-p only filter what is sampled.
+    """
+
+    def __init__(self, base: LocalBase, adapter: Adapter, alpha: float = 1.0, sampling: Sampling = Sampling()):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.alpha = alpha
+        self.sampling = sampling
+        tokenizer = base.tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        never = torch.zeros(base.vocab_size, dtype=torch.bool)
+        if self.pad_id != self.eos_id:
+            never[self.pad_id] = True  # padding is never a sampled token
+        self.register_buffer("never_sampled", never, persistent=False)
+
+    def train(self, mode: bool = True) -> "TailoredPolicy":
+        return super().train(False)  # no dropout: rollout and loss must see one distribution
+
+    def distribution(self, base_logprobs: Tensor, adapter_logits: Optional[Tensor], step: Tensor | int) -> Tensor:
+        """Log-probs of the tailored policy [..., V] at response position(s) ``step``.
+
+        ``log_softmax(base_logprobs + α·adapter_logits) / temperature``, with tokens that are
+        never sampled (and EOS before ``min_new_tokens``) excluded. ``adapter_logits=None``
+        is the base alone.
+        """
+        scores = base_logprobs if adapter_logits is None else base_logprobs + self.alpha * adapter_logits.float()
+        banned = self.never_sampled
+        if isinstance(step, int):
+            if step < self.sampling.min_new_tokens:
+                banned = banned.clone()
+                banned[self.eos_id] = True
+        else:  # step: [T] positions of a whole response
+            banned = banned.expand(*step.shape, -1).clone()
+            banned[:, self.eos_id] |= step < self.sampling.min_new_tokens
+            banned = banned.unsqueeze(0)
+        scores = scores.masked_fill(banned, float("-inf"))
+        return (scores / self.sampling.temperature).log_softmax(-1)
+
+    @torch.no_grad()
+    def sample(self, prompts: Prompts, generator: Optional[torch.Generator] = None, use_adapter: bool = True) -> Rollout:
+        """Sample responses with KV caches; the base runs exactly once per generated token."""
+        s = self.sampling
+        mask = prompts.mask
+        positions = position_ids(mask)
+        base_lp, base_cache = self.base(prompts.ids, mask, positions)
+        adapter_cache = None
+        if use_adapter:
+            hidden, adapter_cache = self.adapter(prompts.ids, mask, positions, use_cache=True)
+            hidden = hidden[:, -1]
+        batch = prompts.ids.shape[0]
+        alive = torch.ones(batch, dtype=torch.bool, device=mask.device)
+        next_position = positions[:, -1]
+        steps: list[tuple[Tensor, ...]] = []
+        for t in range(s.max_new_tokens):
+            adapter_logits = self.adapter.head(hidden) if use_adapter else None
+            logprobs = self.distribution(base_lp, adapter_logits, t)
+            token = sample_token(logprobs, s.top_k, s.top_p, generator).masked_fill(~alive, self.pad_id)
+            token_lp = logprobs.gather(-1, token[:, None]).squeeze(-1) * alive
+            steps.append((token, alive, token_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
+            alive = alive & (token != self.eos_id)
+            if t == s.max_new_tokens - 1 or not alive.any():
+                break
+            # feed the sampled token to both models: one base forward per generated token
+            mask = torch.cat([mask, steps[-1][1].long()[:, None]], dim=1)
+            next_position = next_position + 1
+            base_lp, base_cache = self.base(token[:, None], mask, next_position[:, None], base_cache)
+            if use_adapter:
+                hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True)
+                hidden = hidden[:, -1]
+        tokens, masks, token_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
+        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, base_lps, hiddens)
+
+    def evaluate(self, rollout: Rollout) -> PolicyEval:
+        """Re-score a rollout's tokens with gradients through the adapter (the base is not run)."""
+        ids, mask = sequence(rollout)
+        prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+        hidden, _ = self.adapter(ids, mask, position_ids(mask))
+        hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # states that chose each token
+        steps = torch.arange(response_len, device=ids.device)
+        logprobs = self.distribution(rollout.base_logprobs, self.adapter.head(hidden), steps)
+        token_lp = logprobs.gather(-1, rollout.response_ids[..., None]).squeeze(-1) * rollout.response_mask
+        entropy = torch.special.entr(logprobs.exp()).sum(-1) * rollout.response_mask
+        return PolicyEval(token_lp, entropy, hidden)

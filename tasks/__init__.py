@@ -1,0 +1,1 @@
+"""Tasks: one folder each with its data, reward and metrics; the engine knows none of them."""

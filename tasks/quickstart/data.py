@@ -1,0 +1,98 @@
+"""Concept sets drawn from an embedded word list, with held-out validation sets."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+from lightning_ipa.data import PromptDataModule
+
+NOUNS = """
+apple baby ball beach bed bell bicycle bird boat book bottle box bread bridge brush bus cake
+camera candle car carpet cat chair cheese child clock cloud coat coffee computer cookie cow cup
+desk doctor dog door dress drum egg engine farmer fence field fish flag flower forest fork fox
+garden gate girl glass goat guitar hammer hat horse house island jacket key kitchen knife ladder
+lake lamp leaf letter lion map market mirror monkey moon mountain mouse nest newspaper ocean
+orange painter pencil phone piano picture pillow plate pocket pool potato rabbit rain river road
+rock roof rope sand sheep ship shoe singer snow soup spoon star stone street student sun table
+teacher tent ticket tiger towel tower train tree truck umbrella village violin wall watch water
+wheel window wolf
+""".split()
+
+VERBS = """
+bake build carry catch chase clean climb cook cut dance dig drink drive drop eat fill find fix fly
+fold hang hide hold jump kick kiss knock laugh lift listen open paint pick play pour pull push read
+ride run sail sell sew shake sing sit sleep smell splash stand swim throw wash watch wave write
+""".split()
+
+
+def concept_sets(n: int, size: int, rng: random.Random) -> list[tuple[str, ...]]:
+    """n distinct sets of ``size`` words: one verb and size−1 nouns, in random order."""
+    sets: set[tuple[str, ...]] = set()
+    while len(sets) < n:
+        words = [rng.choice(VERBS), *rng.sample(NOUNS, size - 1)]
+        if len(set(words)) == size:
+            sets.add(tuple(sorted(words)))
+    return [tuple(rng.sample(s, size)) for s in sorted(sets)]
+
+
+def read_concepts(path: str) -> list[list[str]]:
+    """Concept lists from a file: JSON lines ``{"concepts": [...]}`` or plain space-separated words."""
+    lists = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            concepts = json.loads(line)["concepts"] if line.lstrip().startswith("{") else line.split()
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [words]}} or space-separated words ({error})") from None
+        if not concepts or not all(isinstance(c, str) and c for c in concepts):
+            raise ValueError(f"{path}:{number}: concepts must be a non-empty list of words, got {concepts!r}")
+        lists.append(concepts)
+    return lists
+
+
+class ConceptsDataModule(PromptDataModule):
+    """Prompts asking for one sentence that uses all given words; meta carries the words."""
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        concepts_per_prompt: int = 3,
+        train_size: int = 5000,
+        val_size: int = 64,
+        seed: int = 0,
+        template: str = "Write one sentence that uses all of these words: {concepts}.",
+        predict_file: Optional[str] = None,
+    ):
+        """
+        Args:
+            batch_size: Prompts per RL step and device.
+            eval_batch_size: Prompts per validation/test/predict batch.
+            num_workers: DataLoader worker processes.
+            concepts_per_prompt: Words per concept set.
+            train_size: Training concept sets.
+            val_size: Held-out concept sets (never trained on), used by validate and test.
+            seed: Seed of the concept-set draw.
+            template: Prompt text; ``{concepts}`` becomes the comma-separated words.
+            predict_file: Concept lists for ``predict`` (JSONL ``{"concepts": [...]}`` or one set of words per line); None: the validation sets.
+        """
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        self.save_hyperparameters()
+        if "{concepts}" not in template:
+            raise ValueError(f"template must contain '{{concepts}}', got {template!r}")
+
+    def item(self, concepts: list[str]) -> dict:
+        return {"prompt": self.hparams.template.format(concepts=", ".join(concepts)), "meta": {"concepts": list(concepts)}}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        hp = self.hparams
+        sets = concept_sets(hp.train_size + hp.val_size, hp.concepts_per_prompt, random.Random(hp.seed))
+        random.Random(hp.seed).shuffle(sets)
+        self.splits = {"val": [self.item(s) for s in sets[: hp.val_size]], "train": [self.item(s) for s in sets[hp.val_size :]]}
+        if hp.predict_file:
+            self.splits["predict"] = [self.item(c) for c in read_concepts(hp.predict_file)]
