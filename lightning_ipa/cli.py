@@ -53,7 +53,10 @@ def with_default_config(args: list[str]) -> list[str]:
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
     """Run the CLI on ``args`` (default: the command line); returns it for tests and notebooks."""
-    args = with_default_config(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+    else:
+        args = with_default_config(list(args))
     return IPACLI(
         IPAModule,
         PromptDataModule,

@@ -57,7 +57,7 @@ class IPAModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints leave the frozen base out
+        self.strict_loading = False  # checkpoints leave frozen weights (the base above all) out
         self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
         self.reward = reward
         self.algorithm = algorithm or RLOO()
@@ -172,7 +172,10 @@ class IPAModule(LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("policy.base.")}
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}  # rebuilt from their checkpoints
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k not in frozen and not k.startswith("policy.base.")
+        }
         hparams = checkpoint.get("hyper_parameters", {})
         for name in [k for k, v in hparams.items() if isinstance(v, nn.Module)]:
             del hparams[name]  # a base passed as an object (outside the CLI) is not saved either

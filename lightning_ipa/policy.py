@@ -69,6 +69,11 @@ def _full_nucleus(logprobs: Tensor, top_p: float, generator: Optional[torch.Gene
     return ids.gather(-1, choice).squeeze(-1)
 
 
+def _pick(logprobs: Tensor, token: Tensor, alive: Tensor) -> Tensor:
+    """Log-prob [B] of each row's token; 0 for finished rows."""
+    return logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(~alive, 0.0)
+
+
 class TailoredPolicy(nn.Module):
     """Base and adapter decoded in lockstep as a product of experts.
 
@@ -94,22 +99,16 @@ class TailoredPolicy(nn.Module):
         return super().train(False)  # no dropout: rollout and loss must see one distribution
 
     def distribution(self, base_logprobs: Tensor, adapter_logits: Optional[Tensor], step: Tensor | int) -> Tensor:
-        """Log-probs of the tailored policy [..., V] at response position(s) ``step``.
+        """Log-probs of the tailored policy [..., V] at response position(s) ``step`` (int or [...]).
 
         ``log_softmax(base_logprobs + α·adapter_logits) / temperature``, with tokens that are
         never sampled (and EOS before ``min_new_tokens``) excluded. ``adapter_logits=None``
         is the base alone.
         """
         scores = base_logprobs if adapter_logits is None else base_logprobs + self.alpha * adapter_logits.float()
-        banned = self.never_sampled
-        if isinstance(step, int):
-            if step < self.sampling.min_new_tokens:
-                banned = banned.clone()
-                banned[self.eos_id] = True
-        else:  # step: [T] positions of a whole response
-            banned = banned.expand(*step.shape, -1).clone()
-            banned[:, self.eos_id] |= step < self.sampling.min_new_tokens
-            banned = banned.unsqueeze(0)
+        step = torch.as_tensor(step, device=scores.device)
+        banned = self.never_sampled.expand(*step.shape, -1).clone()
+        banned[..., self.eos_id] |= step < self.sampling.min_new_tokens
         scores = scores.masked_fill(banned, float("-inf"))
         return (scores / self.sampling.temperature).log_softmax(-1)
 
@@ -132,8 +131,9 @@ class TailoredPolicy(nn.Module):
             adapter_logits = self.adapter.head(hidden) if use_adapter else None
             logprobs = self.distribution(base_lp, adapter_logits, t)
             token = sample_token(logprobs, s.top_k, s.top_p, generator).masked_fill(~alive, self.pad_id)
-            token_lp = logprobs.gather(-1, token[:, None]).squeeze(-1) * alive
-            steps.append((token, alive, token_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
+            token_lp = _pick(logprobs, token, alive)
+            reference_lp = _pick(self.distribution(base_lp, None, t), token, alive) if use_adapter else token_lp
+            steps.append((token, alive, token_lp, reference_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
             alive = alive & (token != self.eos_id)
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
@@ -144,17 +144,27 @@ class TailoredPolicy(nn.Module):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True)
                 hidden = hidden[:, -1]
-        tokens, masks, token_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
-        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, base_lps, hiddens)
+        tokens, masks, token_lps, reference_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
+        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens)
 
     def evaluate(self, rollout: Rollout) -> PolicyEval:
-        """Re-score a rollout's tokens with gradients through the adapter (the base is not run)."""
+        """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
+
+        The output head and the combination run on real response tokens only, never on padding.
+        """
         ids, mask = sequence(rollout)
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
         hidden, _ = self.adapter(ids, mask, position_ids(mask))
-        hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # states that chose each token
-        steps = torch.arange(response_len, device=ids.device)
-        logprobs = self.distribution(rollout.base_logprobs, self.adapter.head(hidden), steps)
-        token_lp = logprobs.gather(-1, rollout.response_ids[..., None]).squeeze(-1) * rollout.response_mask
-        entropy = torch.special.entr(logprobs.exp()).sum(-1) * rollout.response_mask
-        return PolicyEval(token_lp, entropy, hidden)
+        hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
+        real = rollout.response_mask.bool()  # [B, T]
+        steps = torch.arange(response_len, device=ids.device).expand_as(real)[real]  # [N]
+        logprobs = self.distribution(rollout.base_logprobs[real], self.adapter.head(hidden[real]), steps)  # [N, V]
+        token_lp = logprobs.gather(-1, rollout.response_ids[real][:, None]).squeeze(-1)  # [N]
+        finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # banned tokens: p·log p = 0, and so is its gradient
+        entropy = -(finite.exp() * finite).sum(-1)  # [N]
+        return PolicyEval(_unpack(token_lp, real), _unpack(entropy, real), hidden)
+
+
+def _unpack(values: Tensor, real: Tensor) -> Tensor:
+    """Values [N] of the real tokens back into a [B, T] grid, 0 on padding."""
+    return values.new_zeros(real.shape).masked_scatter(real, values)

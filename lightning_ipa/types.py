@@ -27,16 +27,13 @@ class Rollout(NamedTuple):
     response_ids: Tensor  # [B, T] right-padded with the pad id
     response_mask: Tensor  # [B, T] 1 = generated token (the final EOS included)
     logprobs: Tensor  # [B, T] tailored log-prob of each response token
+    reference_logprobs: Tensor  # [B, T] log-prob of each token under the base alone (same temperature)
     base_logprobs: Tensor  # [B, T, V] base log-softmax at each response position
     hidden: Tensor  # [B, T, H] adapter's last hidden state where each token was chosen
 
     @property
-    def base_token_logprobs(self) -> Tensor:  # [B, T]
-        return self.base_logprobs.gather(-1, self.response_ids.unsqueeze(-1)).squeeze(-1)
-
-    @property
     def kl(self) -> Tensor:  # [B, T] per-token log-ratio tailored/base (k1 estimator), 0 on padding
-        return (self.logprobs - self.base_token_logprobs) * self.response_mask
+        return (self.logprobs - self.reference_logprobs) * self.response_mask
 
 
 class PolicyEval(NamedTuple):

@@ -1,0 +1,73 @@
+"""Tiny models and tokenizers built in-process: the tests never download anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
+from tasks.quickstart.data import NOUNS, VERBS
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "Write one sentence that uses all of these words: " + ", ".join(NOUNS[i : i + 3] + VERBS[i % len(VERBS) : i % len(VERBS) + 1]) + "."
+    for i in range(0, len(NOUNS), 3)
+] + ["The dog runs to the tree and the cat sleeps on the warm roof. A child reads a book by the river."] * 4
+
+
+def train_tokenizer(vocab_size: int, special: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small corpus, with EOS and a distinct pad token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+
+
+def save_tiny_llama(path: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    tokenizer = train_tokenizer(vocab_size, ["<eos>", "<pad>"])
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a peaked, far-from-uniform distribution, like a trained LM's
+        model.lm_head.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 3-layer Llama (hidden 32) with its own BPE tokenizer, saved as a HF folder."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_other_vocab(tmp_path_factory) -> str:
+    """A tiny GPT-2 whose tokenizer differs from ``tiny_llama``'s."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = train_tokenizer(300, ["<eos>", "<pad>", "<extra>"])
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def policy_factory(tiny_llama):
+    """Builds a TailoredPolicy over the tiny Llama (base: all layers; adapter: the first k)."""
+
+    def build(alpha: float = 1.0, head: str = "zeros", num_layers: int = 2, **sampling) -> TailoredPolicy:
+        base = LocalBase(tiny_llama)
+        adapter = Adapter.build(AdapterConfig(num_layers=num_layers, head=head), base)
+        return TailoredPolicy(base, adapter, alpha, Sampling(**sampling))
+
+    return build

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from lightning_ipa import Adapter, AdapterConfig, LocalBase
+from lightning_ipa.bases import resolve_pretrained
+
+
+def test_vocabulary_mismatch_fails_at_start_up_with_both_sizes(tiny_llama, tiny_gpt2_other_vocab):
+    base = LocalBase(tiny_llama)
+    with pytest.raises(ValueError) as error:
+        Adapter.build(AdapterConfig(name_or_path=tiny_gpt2_other_vocab), base)
+    message = str(error.value)
+    assert f"{len(base.tokenizer)} tokens" in message and "300 tokens" in message
+
+
+def test_truncated_adapter_keeps_the_bases_first_layers(tiny_llama):
+    base = LocalBase(tiny_llama)
+    adapter = Adapter.build(AdapterConfig(num_layers=2, head="zeros"), base)
+    assert len(adapter.body.layers) == 2
+    for layer in range(2):
+        assert torch.equal(adapter.body.layers[layer].mlp.up_proj.weight, base.lm.model.layers[layer].mlp.up_proj.weight)
+    assert (adapter.head.weight == 0).all()
+    assert adapter.head.weight.data_ptr() != adapter.body.embed_tokens.weight.data_ptr()  # untied
+    assert not adapter.body.embed_tokens.weight.requires_grad
+    pretrained = Adapter.build(AdapterConfig(num_layers=None, head="pretrained"), base)
+    assert len(pretrained.body.layers) == 3
+    assert torch.equal(pretrained.head.weight, base.lm.lm_head.weight)
+
+
+def test_adapter_from_its_own_checkpoint_with_the_same_tokenizer(tiny_llama):
+    base = LocalBase(tiny_llama)
+    adapter = Adapter.build(AdapterConfig(name_or_path=tiny_llama, num_layers=1), base)
+    assert len(adapter.body.layers) == 1
+
+
+def test_resolve_pretrained_errors_are_clear(tmp_path):
+    assert resolve_pretrained("gpt2") == "gpt2"  # hub names pass through untouched
+    with pytest.raises(FileNotFoundError, match="not_a_package_xyz"):
+        resolve_pretrained("package://not_a_package_xyz/model.gguf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_pretrained(str(tmp_path / "missing.gguf"))

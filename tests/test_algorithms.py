@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from lightning_ipa.algorithms import PPO, RLOO
+from lightning_ipa.algorithms.functional import (
+    adaptive_kl_coef,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    leave_one_out_advantages,
+    token_rewards,
+    whiten,
+)
+from lightning_ipa.types import PolicyEval, Rollout
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards = token_rewards(torch.tensor([1.0, 2.0]), kl, mask, 0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 0.85], [-0.2, 1.75, 0.0]]))
+
+
+def test_gae_against_hand_computed_values():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: δ = [-0.1, -0.1, 0.7]; A2 = 0.7, A1 = -0.1 + 0.5·0.7, A0 = -0.1 + 0.5·0.25
+    assert torch.allclose(advantages, torch.tensor([[0.025, 0.25, 0.7], [0.5, 1.0, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.525, 0.65, 1.0], [1.5, 2.0, 0.0]]))
+
+
+def test_gae_discount():
+    advantages, _ = gae(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2), gamma=0.9, lam=1.0)
+    assert torch.allclose(advantages, torch.tensor([[0.9, 1.0]]))
+
+
+def test_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert w[0, 2] == 0
+    assert abs(real.mean()) < 1e-6 and abs(real.pow(2).mean() - 1) < 1e-4
+
+
+def test_clipped_policy_loss_against_hand_computed_values():
+    mask = torch.ones(1, 2)
+    positive = clipped_policy_loss(torch.tensor([[0.0, math.log(1.5)]]), torch.zeros(1, 2), torch.ones(1, 2), mask, 0.2)
+    assert torch.isclose(positive.loss, torch.tensor(-1.1)) and positive.clip_fraction == 0.5
+    negative = clipped_policy_loss(torch.tensor([[0.0, math.log(0.5)]]), torch.zeros(1, 2), -torch.ones(1, 2), mask, 0.2)
+    assert torch.isclose(negative.loss, torch.tensor(0.9)) and negative.clip_fraction == 0.5
+    padded = clipped_policy_loss(torch.tensor([[0.0, 5.0]]), torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1, 0]]), 0.2)
+    assert torch.isclose(padded.loss, torch.tensor(-1.0))  # padding never counts
+
+
+def test_clipped_value_loss_against_hand_computed_values():
+    out = clipped_value_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 3.0]]), torch.ones(1, 2), 0.2)
+    # token 0: unclipped (1-1)² = 0, clipped (0.2-1)² = 0.64; token 1: both (2-3)² = 1
+    assert torch.isclose(out.loss, torch.tensor(0.5 * (0.64 + 1.0) / 2))
+    assert out.clip_fraction == 0.5
+
+
+def test_leave_one_out_advantages():
+    adv = leave_one_out_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    assert torch.allclose(adv, torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0, 0, 0, 0, 0]))
+
+
+def test_adaptive_kl_coefficient():
+    assert torch.isclose(adaptive_kl_coef(torch.tensor(0.1), torch.tensor(12.0), 6.0, 100, 10), torch.tensor(0.102))
+    assert torch.isclose(adaptive_kl_coef(torch.tensor(0.1), torch.tensor(5.4), 6.0, 100, 10), torch.tensor(0.1 * (1 - 0.1 * 0.1)))
+
+
+def fake_rollout(batch=8, length=5, vocab=11, hidden=6) -> Rollout:
+    torch.manual_seed(0)
+    lengths = torch.randint(1, length + 1, (batch,))
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    base = torch.randn(batch, length, vocab).log_softmax(-1)
+    ids = torch.randint(0, vocab, (batch, length))
+    reference = base.gather(-1, ids[..., None]).squeeze(-1) * mask
+    logprobs = (reference + 0.1) * mask
+    prompt = torch.ones(batch, 2, dtype=torch.long)
+    return Rollout(prompt, prompt, ids, mask, logprobs, reference, base, torch.randn(batch, length, hidden))
+
+
+def test_ppo_prepare_and_loss_at_the_sampling_policy():
+    ppo = PPO(kl_coef=0.5, kl_target=1.0, kl_horizon=100)
+    ppo.setup(hidden_size=6)
+    rollout = fake_rollout()
+    experience = ppo.prepare(rollout, torch.linspace(0, 1, 8))
+    mask = rollout.response_mask
+    assert torch.allclose(experience.values, torch.zeros_like(mask, dtype=torch.float))  # zero-initialised critic
+    assert (experience.advantages[mask == 0] == 0).all() and (experience.returns[mask == 0] == 0).all()
+    assert ppo.kl_coef != 0.5  # adaptive coefficient moved
+    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden), experience)
+    assert abs(out.stats["policy"]) < 1e-5  # ratio 1: −mean(whitened advantages) = 0
+    assert out.stats["clip_fraction"] == 0
+    returns = experience.returns[mask.bool()]
+    assert torch.isclose(out.stats["value"], 0.5 * returns.pow(2).mean())
+
+
+def test_rloo_prepare_and_loss():
+    rloo = RLOO(samples_per_prompt=4, kl_coef=0.0)
+    rollout = fake_rollout()
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
+    experience = rloo.prepare(rollout, scores)
+    mask = rollout.response_mask
+    expected = leave_one_out_advantages(scores, 4)[:, None] * mask
+    assert torch.allclose(experience.advantages, expected)
+    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden), experience)
+    assert torch.isclose(out.loss, -(expected * mask).sum() / mask.sum())
+
+
+def test_rloo_needs_two_samples():
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        RLOO(samples_per_prompt=1)
+
+
+def test_minibatches_cover_each_epoch_once():
+    ppo = PPO(epochs=2, minibatch_size=3)
+    ppo.setup(6)
+    experience = ppo.prepare(fake_rollout(batch=8), torch.zeros(8))
+    batches = list(ppo.minibatches(experience))
+    assert [len(b.advantages) for b in batches] == [3, 3, 2, 3, 3, 2]
+    first_epoch = torch.cat([b.rollout.hidden[:, 0, 0] for b in batches[:3]])
+    assert torch.allclose(first_epoch.sort().values, experience.rollout.hidden[:, 0, 0].sort().values)

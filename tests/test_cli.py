@@ -1,0 +1,106 @@
+"""End to end through ``main([...])``: conf/quickstart.yaml with the tiny model swapped in."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_ipa.cli import DEFAULT_CONFIG, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(model: str, save_dir: Path, steps: int = 2, *extra: str) -> list[str]:
+    return [
+        f"--model.base.name_or_path={model}",
+        "--model.base.chat_template=false",
+        "--model.sampling.max_new_tokens=6",
+        "--trainer.accelerator=cpu",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--data.init_args.train_size=4",
+        "--data.init_args.val_size=6",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.eval_batch_size=4",
+        *extra,
+    ]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
+    main(["fit", *tiny_args(tiny_llama, tmp_path)])  # no --config: conf/quickstart.yaml
+    run = tmp_path / "quickstart" / "version_0"
+    logged = scalars(run)
+    for tag in ["train/reward", "train/kl", "loss/policy", "lr-AdamW/pg1", "train/coverage"]:
+        assert tag in logged, tag
+    for metric in ["reward", "coverage", "distinct_2"]:
+        for policy in ["tailored", "base"]:
+            assert f"val/{metric}/{policy}" in logged
+    text = EventAccumulator(str(run))
+    text.Reload()
+    assert "val/samples/text_summary" in text.Tags()["tensors"]
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = checkpoint["state_dict"].keys()
+    assert keys and not any(k.startswith("policy.base.") for k in keys)
+    assert "policy.adapter.head.weight" in keys and "algorithm.kl_coef" in keys
+    assert "policy.adapter.body.embed_tokens.weight" not in keys  # frozen: rebuilt from its checkpoint
+    assert checkpoint["global_step"] == 2 and "rng" in checkpoint
+
+    main(["predict", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    rows = [json.loads(line) for line in (tmp_path / "quickstart" / "version_1" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert set(rows[0]) == {"prompt", "tailored", "base", "reward_tailored", "reward_base"}
+
+
+def test_resume_from_last_continues_the_same_run(tiny_llama, tmp_path):
+    adaptive = ["--model.algorithm.init_args.kl_target=0.5", "--model.algorithm.init_args.kl_horizon=20"]
+    straight = main(["fit", *tiny_args(tiny_llama, tmp_path / "a", 4, *adaptive)])
+    main(["fit", *tiny_args(tiny_llama, tmp_path / "b", 2, *adaptive)])
+    resumed = main(["fit", *tiny_args(tiny_llama, tmp_path / "b", 4, *adaptive), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 4
+    assert resumed.trainer.logger.version == 0  # the same TensorBoard run continues
+    assert straight.model.algorithm.kl_coef != 0.05
+    assert torch.equal(straight.model.algorithm.kl_coef, resumed.model.algorithm.kl_coef)
+    for (name, a), b in zip(straight.model.policy.adapter.named_parameters(), resumed.model.policy.adapter.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
+    with pytest.raises(SystemExit, match="run `fit` first"):
+        main(["fit", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", "last"])
+
+
+def test_help_shows_documented_knobs():
+    out = subprocess.run([sys.executable, "-m", "lightning_ipa", "fit", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    for knob in ["--model.adapter.num_layers", "Keep only the first k transformer layers", "--model.sampling.top_p", "--model.alpha"]:
+        assert knob in out.stdout, knob
+    assert DEFAULT_CONFIG.is_file()
+
+
+def test_ppo_runs_the_quickstart_config(tiny_llama, tmp_path):
+    ppo = ["--model.algorithm=lightning_ipa.algorithms.PPO", "--model.algorithm.init_args.epochs=2", "--model.algorithm.init_args.minibatch_size=1"]
+    cli = main(["fit", *tiny_args(tiny_llama, tmp_path, 4, *ppo)])
+    assert cli.trainer.global_step == 4  # optimizer steps: 2 epochs × 2 minibatches of 1 prompt
+    assert "value" in " ".join(scalars(tmp_path / "quickstart" / "version_0"))
+
+
+def test_ddp_two_processes_on_cpu(tiny_llama, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = tiny_args(tiny_llama, tmp_path, 2, "--trainer.strategy=ddp", "--trainer.devices=2")
+    out = subprocess.run([sys.executable, "-m", "lightning_ipa", "fit", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_file()

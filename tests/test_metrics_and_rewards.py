@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from lightning_ipa.metrics import DistinctN, distinct_ratio
+from tasks.quickstart import ConceptCoverage, ConceptsDataModule
+from tasks.quickstart.reward import coverage
+
+
+def test_distinct_n():
+    assert distinct_ratio("the dog saw the dog", 2) == 3 / 4  # bigrams: the dog ×2, dog saw, saw the
+    assert distinct_ratio("The dog.", 2) == 1.0
+    assert distinct_ratio("dog", 2) == 0.0
+    metric = DistinctN(2)
+    metric.update(["the dog saw the dog", "a b c"])
+    metric.update(["x"])
+    assert torch.isclose(metric.compute(), torch.tensor((0.75 + 1.0 + 0.0) / 3))
+
+
+def test_coverage_matches_lemmas():
+    assert coverage(["run", "dog", "apple"], "The dogs ran past an apple tree.") == 1.0
+    assert coverage(["run", "dog", "apple"], "A dog sat.") == pytest.approx(1 / 3)
+    assert coverage(["mouse", "swim"], "Two mice were swimming.") == 1.0
+    assert coverage(["tree"], "Streets everywhere.") == 0.0  # whole words only
+
+
+def test_reward_punishes_repetition():
+    reward = ConceptCoverage()
+    meta = [{"concepts": ["dog", "run", "tree"]}] * 2
+    scores = reward(["p", "p"], ["The dog runs to a tree.", "dog run tree dog run tree dog run tree"], meta)
+    assert scores["coverage"].tolist() == [1.0, 1.0]
+    assert scores["reward"][0] == 1.0
+    assert torch.isclose(scores["reward"][1], torch.tensor(3 / 8))  # 8 bigrams, 3 distinct
+
+
+def test_concept_splits_are_disjoint_and_seeded():
+    dm = ConceptsDataModule(train_size=300, val_size=40, seed=3)
+    dm.setup()
+    train = {tuple(sorted(i["meta"]["concepts"])) for i in dm.splits["train"]}
+    val = {tuple(sorted(i["meta"]["concepts"])) for i in dm.splits["val"]}
+    assert len(train) == 300 and len(val) == 40 and not train & val
+    again = ConceptsDataModule(train_size=300, val_size=40, seed=3)
+    again.setup()
+    assert again.splits == dm.splits
+    assert "dog" in ConceptsDataModule().item(["dog", "tree"])["prompt"]
+
+
+def test_predict_file_and_malformed_rows(tmp_path):
+    good = tmp_path / "concepts.jsonl"
+    good.write_text(json.dumps({"concepts": ["cat", "sing"]}) + "\n\nboat river sail\n")
+    dm = ConceptsDataModule(predict_file=str(good))
+    dm.setup()
+    assert [i["meta"]["concepts"] for i in dm.splits["predict"]] == [["cat", "sing"], ["boat", "river", "sail"]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('boat river\n{"concept": ["x"]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
+        ConceptsDataModule(predict_file=str(bad)).setup()
+    with pytest.raises(ValueError, match="template must contain"):
+        ConceptsDataModule(template="no placeholder")

@@ -1,0 +1,174 @@
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from lightning_ipa.policy import NUCLEUS_CANDIDATES, sample_token
+from lightning_ipa.types import Prompts, position_ids
+
+PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
+
+
+def hf_kept(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The tokens transformers' warpers keep (top-k, then top-p), as a bool mask."""
+    scores = logits.clone()
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores > float("-inf")
+
+
+@pytest.mark.parametrize(
+    "vocab,top_k,top_p,scale",
+    [
+        (5000, 0, 0.9, 3.0),  # nucleus inside the candidates
+        (5000, 0, 0.95, 0.01),  # near-flat: nucleus wider than the candidates, full-sort fallback
+        (5000, 50, 0.8, 1.0),  # top-k then top-p
+        (300, 0, 0.7, 2.0),  # vocabulary smaller than the candidate window
+    ],
+)
+def test_sample_token_keeps_exactly_the_transformers_nucleus(vocab, top_k, top_p, scale):
+    torch.manual_seed(0)
+    logprobs = (torch.randn(4, vocab) * scale).log_softmax(-1)
+    kept = hf_kept(logprobs, top_k, top_p)
+    draws = sample_token(logprobs.repeat_interleave(3000, 0), top_k, top_p, torch.Generator().manual_seed(0)).view(4, 3000)
+    for row in range(4):
+        sampled = torch.zeros(vocab, dtype=torch.bool)
+        sampled[draws[row]] = True
+        assert not (sampled & ~kept[row]).any(), "sampled a token outside the nucleus"
+        # the most likely kept tokens are sampled with their renormalised probability
+        probs = logprobs[row].exp() * kept[row]
+        probs /= probs.sum()
+        top = probs.argmax()
+        freq = (draws[row] == top).float().mean()
+        assert abs(freq - probs[top]) < 4 * (probs[top] * (1 - probs[top]) / draws.shape[1]).sqrt() + 1e-3
+    if scale == 0.01:
+        assert kept.sum(-1).min() > NUCLEUS_CANDIDATES  # the fallback path was exercised
+
+
+def test_alpha_zero_is_the_base_distribution(policy_factory):
+    policy = policy_factory(alpha=0.0, head="pretrained", temperature=0.7)
+    prompts = policy.base.encode(PROMPTS)
+    base_lp, _ = policy.base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    hidden, _ = policy.adapter(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    adapter_logits = policy.adapter.head(hidden[:, -1])
+    assert adapter_logits.abs().max() > 0.1  # a non-trivial adapter ...
+    tailored = policy.distribution(base_lp, adapter_logits, step=5)
+    never = torch.zeros_like(base_lp, dtype=torch.bool)
+    never[:, policy.pad_id] = True  # the one token the framework never samples
+    assert torch.allclose(tailored, (base_lp.masked_fill(never, float("-inf")) / 0.7).log_softmax(-1), atol=1e-6)
+
+    # and sampling draws the very tokens the base alone draws with the same seed
+    with_adapter = policy.sample(prompts, torch.Generator().manual_seed(3))
+    base_only = policy.sample(prompts, torch.Generator().manual_seed(3), use_adapter=False)
+    assert torch.equal(with_adapter.response_ids, base_only.response_ids)
+
+
+def test_alpha_zero_sampling_matches_hf_generate(policy_factory, tiny_llama):
+    """With α = 0 and no filters, the lockstep sampler reproduces HF ``generate`` token for token."""
+    policy = policy_factory(alpha=0.0, max_new_tokens=12, min_new_tokens=1)
+    prompts = policy.base.encode(PROMPTS[:1])
+    torch.manual_seed(11)
+    ours = policy.sample(prompts).response_ids
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    eos = policy.eos_id
+    torch.manual_seed(11)
+    theirs = lm.generate(
+        prompts.ids, attention_mask=prompts.mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=12,
+        min_new_tokens=1, eos_token_id=eos, pad_token_id=policy.pad_id,
+        suppress_tokens=[policy.pad_id],
+    )[:, prompts.ids.shape[1] :]
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+
+
+def test_zero_head_starts_exactly_at_the_base(policy_factory):
+    policy = policy_factory(alpha=1.0, head="zeros")
+    prompts = policy.base.encode(PROMPTS)
+    a = policy.sample(prompts, torch.Generator().manual_seed(0))
+    b = policy.sample(prompts, torch.Generator().manual_seed(0), use_adapter=False)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert a.kl.abs().max() < 1e-4
+
+
+def test_base_runs_once_per_generated_token(policy_factory):
+    policy = policy_factory(max_new_tokens=9, min_new_tokens=9)
+    policy.base.forward_count = 0
+    rollout = policy.sample(policy.base.encode(PROMPTS))
+    assert rollout.response_ids.shape[1] == 9
+    assert policy.base.forward_count == 9
+    policy.evaluate(rollout)  # the loss re-uses the rollout's base log-probs
+    assert policy.base.forward_count == 9
+
+
+def test_left_padded_batch_equals_each_row_alone(policy_factory):
+    policy = policy_factory(head="pretrained", top_k=1, max_new_tokens=8)  # greedy: deterministic
+    with torch.no_grad():
+        policy.adapter.head.weight.mul_(0.5)
+    batch = policy.sample(policy.base.encode(PROMPTS))
+    assert (batch.prompt_mask == 0).any()  # really padded
+    evaluated = policy.evaluate(batch)
+    for i, prompt in enumerate(PROMPTS):
+        single = policy.sample(policy.base.encode([prompt]))
+        n = int(single.response_mask.sum())
+        assert torch.equal(batch.response_ids[i, :n], single.response_ids[0, :n])
+        assert int(batch.response_mask[i].sum()) == n
+        assert torch.allclose(batch.logprobs[i, :n], single.logprobs[0, :n], atol=1e-4)
+        assert torch.allclose(evaluated.logprobs[i, :n], single.logprobs[0, :n], atol=1e-4)
+
+
+def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory):
+    policy = policy_factory(head="pretrained", top_p=0.9, temperature=0.8, max_new_tokens=10, min_new_tokens=3)
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(1))
+    evaluated = policy.evaluate(rollout)
+    assert torch.allclose(evaluated.logprobs, rollout.logprobs, atol=1e-4)
+    assert torch.isfinite(evaluated.entropy).all()
+
+
+def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
+    policy = policy_factory(head="zeros", max_new_tokens=16)
+    pad = policy.pad_id
+    assert pad != policy.eos_id
+    direction = torch.randn(policy.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # in about half the states the adapter wants padding most, then EOS
+        policy.adapter.head.weight[pad] = 100 * direction
+        policy.adapter.head.weight[policy.eos_id] = 50 * direction
+    rollout = policy.sample(policy.base.encode(PROMPTS * 4), torch.Generator().manual_seed(0))
+    real = rollout.response_mask.bool()
+    assert not (rollout.response_ids[real] == pad).any()
+    assert (rollout.response_ids[~real] == pad).all()
+    assert (rollout.logprobs[~real] == 0).all() and (rollout.kl[~real] == 0).all()
+    ended = rollout.response_mask.sum(-1) < rollout.response_ids.shape[1]
+    assert ended.any()  # some rows stopped at EOS and are padded after it
+    lengths = rollout.response_mask.sum(-1)
+    assert (rollout.response_ids[ended, lengths[ended] - 1] == policy.eos_id).all()
+    # the masks are prefix masks: no hole after a real token
+    assert torch.equal(rollout.response_mask, rollout.response_mask.cummin(-1).values)
+
+
+def test_min_new_tokens_bans_eos_in_sampling_and_loss(policy_factory):
+    policy = policy_factory(head="zeros", max_new_tokens=8, min_new_tokens=4)
+    direction = torch.randn(policy.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # in about half the states the adapter wants EOS above all
+        policy.adapter.head.weight[policy.eos_id] = 100 * direction
+    rollout = policy.sample(policy.base.encode(PROMPTS * 4), torch.Generator().manual_seed(0))
+    lengths = rollout.response_mask.sum(-1)
+    assert lengths.min() == 5  # 4 tokens, then EOS as soon as allowed (as in HF), never before
+    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-4)
+
+
+def test_the_base_is_frozen(policy_factory):
+    policy = policy_factory()
+    policy.train()
+    assert not any(p.requires_grad for p in policy.base.parameters())
+    assert not policy.base.training and not policy.adapter.training
+    assert any(p.requires_grad for p in policy.adapter.parameters())
+    assert isinstance(policy.adapter.head, nn.Linear) and policy.adapter.head.weight.requires_grad
+
+
+def test_position_ids_start_at_each_rows_first_token():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert Prompts(mask, mask).ids is mask
