@@ -12,28 +12,34 @@ from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pre
 
 @dataclass
 class AdapterConfig:
-    """How to build the adapter."""
+    """How to build the adapter.
+
+    Args:
+        name_or_path: Adapter checkpoint (hub name, folder, .gguf); None: the base's own checkpoint.
+        num_layers: Keep only the first k transformer layers (exactly the checkpoint's tensors); None: all.
+        head: Output head. 'zeros': a fresh untied V×H head initialised to 0, so the tailored policy
+            starts exactly at the base. 'projection': the checkpoint's frozen LM head after a
+            zero-initialised H×H projection (also starts at the base; H² instead of V×H trainable
+            weights). 'pretrained': the checkpoint's own LM head (the paper's plain product of experts).
+        train_embeddings: Train the input embeddings too (a tied 'pretrained' head always trains them).
+        dtype: Adapter weights' dtype (trained; keep float32 unless using mixed precision).
+    """
 
     name_or_path: Optional[str] = None
-    """Adapter checkpoint (hub name, folder, .gguf); None: the base's own checkpoint."""
     num_layers: Optional[int] = 2
-    """Keep only the first k transformer layers (exactly the checkpoint's tensors); None: all."""
-    head: Literal["zeros", "pretrained"] = "zeros"
-    """Output head: 'zeros' = fresh untied zero head, so the tailored policy starts exactly at
-    the base; 'pretrained' = the checkpoint's own LM head (the paper's plain product of experts)."""
+    head: Literal["zeros", "projection", "pretrained"] = "zeros"
     train_embeddings: bool = False
-    """Train the input embeddings too (a tied 'pretrained' head always trains them)."""
     dtype: DType = "float32"
-    """Adapter weights' dtype (trained; keep float32 unless using mixed precision)."""
 
 
 class Adapter(nn.Module):
     """A transformer body and an output head over the base's vocabulary."""
 
-    def __init__(self, body: nn.Module, head: nn.Linear):
+    def __init__(self, body: nn.Module, head: nn.Module, hidden_size: int):
         super().__init__()
         self.body = body
-        self.head = head
+        self.head = head  # hidden states [..., H] → logits [..., V]
+        self.hidden_size = hidden_size
 
     @classmethod
     def build(cls, config: AdapterConfig, base: LocalBase) -> "Adapter":
@@ -49,24 +55,27 @@ class Adapter(nn.Module):
                 f"adapter {path} predicts {pretrained_head.out_features} tokens but base {base.path} predicts "
                 f"{base.vocab_size}; IPA adds their log-probs token by token, so both need one vocabulary"
             )
-        if config.head == "pretrained":
-            head = pretrained_head
-        else:
-            head = nn.Linear(pretrained_head.in_features, pretrained_head.out_features, bias=False, dtype=pretrained_head.weight.dtype)
-            nn.init.zeros_(head.weight)
         body = lm.base_model
         body.get_input_embeddings().requires_grad_(config.train_embeddings)
-        head.requires_grad_(True)
-        return cls(body, head)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.head.in_features
+        hidden, dtype = pretrained_head.in_features, pretrained_head.weight.dtype
+        if config.head == "pretrained":
+            head = pretrained_head.requires_grad_(True)
+        elif config.head == "projection":
+            head = nn.Sequential(zeros_linear(hidden, hidden, dtype), pretrained_head.requires_grad_(False))
+        else:
+            head = zeros_linear(hidden, pretrained_head.out_features, dtype)
+        return cls(body, head, hidden)
 
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False) -> tuple[Tensor, object]:
         """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``)."""
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
         return out.last_hidden_state, out.cache
+
+
+def zeros_linear(in_features: int, out_features: int, dtype) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+    nn.init.zeros_(layer.weight)
+    return layer
 
 
 def check_same_vocabulary(base: LocalBase, adapter_path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,9 @@ from .rewards import Reward
 from .types import Rollout
 
 POLICIES = ("tailored", "base")
+
+# The policy stays in eval mode on purpose (frozen base, no dropout in RL): silence Lightning's caution.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class IPAModule(LightningModule):
@@ -163,7 +167,7 @@ class IPAModule(LightningModule):
     # ---- optimisation and checkpoints ----
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        head = list(self.policy.adapter.head.parameters()) + list(self.algorithm.parameters())
+        head = [p for p in self.policy.adapter.head.parameters() if p.requires_grad] + list(self.algorithm.parameters())
         head_ids = {id(p) for p in head}
         body = [p for p in self.policy.adapter.body.parameters() if p.requires_grad and id(p) not in head_ids]
         return torch.optim.AdamW(

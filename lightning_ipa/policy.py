@@ -17,18 +17,21 @@ NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider n
 
 @dataclass
 class Sampling:
-    """Decoding settings of the tailored policy (rollouts, validation and predict alike)."""
+    """Decoding settings of the tailored policy (rollouts, validation and predict alike).
+
+    Args:
+        max_new_tokens: Response length limit in tokens.
+        min_new_tokens: EOS is impossible before this many tokens (part of the policy, so the loss sees it too).
+        temperature: Divides the combined log-probs; part of the policy's distribution.
+        top_k: Sample among the k most likely tokens only (0: off). A sampling filter, not part of the loss.
+        top_p: Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss.
+    """
 
     max_new_tokens: int = 32
-    """Response length limit in tokens."""
     min_new_tokens: int = 1
-    """EOS is impossible before this many tokens (part of the policy, so the loss sees it too)."""
     temperature: float = 1.0
-    """Divides the combined log-probs; part of the policy's distribution."""
     top_k: int = 0
-    """Sample among the k most likely tokens only (0: off). A sampling filter, not part of the loss."""
     top_p: float = 1.0
-    """Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss."""
 
     def __post_init__(self):
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:

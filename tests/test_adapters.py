@@ -25,6 +25,17 @@ def test_truncated_adapter_keeps_the_bases_first_layers(tiny_llama):
     pretrained = Adapter.build(AdapterConfig(num_layers=None, head="pretrained"), base)
     assert len(pretrained.body.layers) == 3
     assert torch.equal(pretrained.head.weight, base.lm.lm_head.weight)
+    assert pretrained.head.weight.requires_grad  # tied to the input embeddings, which then train too
+
+
+def test_projection_head_starts_at_zero_and_trains_only_the_projection(tiny_llama):
+    base = LocalBase(tiny_llama)
+    adapter = Adapter.build(AdapterConfig(head="projection"), base)
+    projection, output = adapter.head
+    trainable = [p for p in adapter.head.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is projection.weight and projection.weight.shape == (32, 32)
+    assert torch.equal(output.weight, base.lm.lm_head.weight) and not output.weight.requires_grad
+    assert (adapter.head(torch.randn(4, 32)) == 0).all()
 
 
 def test_adapter_from_its_own_checkpoint_with_the_same_tokenizer(tiny_llama):

