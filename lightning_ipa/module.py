@@ -176,7 +176,7 @@ class IPAModule(LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}  # rebuilt from their checkpoints
+        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}  # rebuilt at start-up
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k not in frozen and not k.startswith("policy.base.")
         }

@@ -133,15 +133,16 @@ class TailoredPolicy(nn.Module):
         for t in range(s.max_new_tokens):
             adapter_logits = self.adapter.head(hidden) if use_adapter else None
             logprobs = self.distribution(base_lp, adapter_logits, t)
-            token = sample_token(logprobs, s.top_k, s.top_p, generator).masked_fill(~alive, self.pad_id)
-            token_lp = _pick(logprobs, token, alive)
-            reference_lp = _pick(self.distribution(base_lp, None, t), token, alive) if use_adapter else token_lp
-            steps.append((token, alive, token_lp, reference_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
-            alive = alive & (token != self.eos_id)
+            real = alive  # rows still generating; finished rows get padding
+            token = sample_token(logprobs, s.top_k, s.top_p, generator).masked_fill(~real, self.pad_id)
+            token_lp = _pick(logprobs, token, real)
+            reference_lp = _pick(self.distribution(base_lp, None, t), token, real) if use_adapter else token_lp
+            steps.append((token, real, token_lp, reference_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
+            alive = real & (token != self.eos_id)
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
             # feed the sampled token to both models: one base forward per generated token
-            mask = torch.cat([mask, steps[-1][1].long()[:, None]], dim=1)
+            mask = torch.cat([mask, real.long()[:, None]], dim=1)
             next_position = next_position + 1
             base_lp, base_cache = self.base(token[:, None], mask, next_position[:, None], base_cache)
             if use_adapter:

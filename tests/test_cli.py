@@ -55,12 +55,17 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     keys = checkpoint["state_dict"].keys()
     assert keys and not any(k.startswith("policy.base.") for k in keys)
-    assert "policy.adapter.head.weight" in keys and "algorithm.kl_coef" in keys
+    assert "policy.adapter.head.0.weight" in keys and "algorithm.kl_coef" in keys
     assert "policy.adapter.body.embed_tokens.weight" not in keys  # frozen: rebuilt from its checkpoint
     assert checkpoint["global_step"] == 2 and "rng" in checkpoint
 
-    main(["predict", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    rows = [json.loads(line) for line in (tmp_path / "quickstart" / "version_1" / "predictions.jsonl").read_text().splitlines()]
+    assert "policy.adapter.head.1.weight" not in keys  # the frozen LM head under the projection, too
+
+    last = str(run / "checkpoints" / "last.ckpt")
+    tested = main(["test", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", last])
+    assert {"test/coverage/tailored", "test/coverage/base", "test/distinct_2/base"} <= set(tested.trainer.callback_metrics)
+    main(["predict", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", last])
+    rows = [json.loads(line) for line in (tmp_path / "quickstart" / "version_2" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert set(rows[0]) == {"prompt", "tailored", "base", "reward_tailored", "reward_base"}
 
