@@ -38,6 +38,9 @@ def resolve_pretrained(name_or_path: str) -> str:
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"{name_or_path!r}: Python package {module!r} is not installed (pip install it)")
         name_or_path = str(Path(spec.submodule_search_locations[0]) / file)
+    name_or_path = os.path.expanduser(name_or_path)
+    if name_or_path.startswith(("/", "./", "../")) and not Path(name_or_path).exists():
+        raise FileNotFoundError(f"model path {name_or_path} does not exist (hub names look like 'org/name')")
     if not name_or_path.endswith(".gguf"):
         return name_or_path
     gguf = Path(name_or_path)

@@ -50,3 +50,5 @@ def test_resolve_pretrained_errors_are_clear(tmp_path):
         resolve_pretrained("package://not_a_package_xyz/model.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_pretrained(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="model path .* does not exist"):
+        resolve_pretrained(str(tmp_path / "no_model_here"))  # a typo'd folder never reaches the hub
