@@ -12,7 +12,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
 from tasks.quickstart.data import NOUNS, VERBS
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
     "Write one sentence that uses all of these words: " + ", ".join(NOUNS[i : i + 3] + VERBS[i % len(VERBS) : i % len(VERBS) + 1]) + "."
     for i in range(0, len(NOUNS), 3)

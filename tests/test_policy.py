@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lightning_ipa.policy import NUCLEUS_CANDIDATES, sample_token
-from lightning_ipa.types import Prompts, position_ids
+from lightning_ipa.types import position_ids
 
 PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
 
@@ -171,4 +171,3 @@ def test_the_base_is_frozen(policy_factory):
 def test_position_ids_start_at_each_rows_first_token():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert position_ids(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
-    assert Prompts(mask, mask).ids is mask
