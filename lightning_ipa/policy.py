@@ -116,19 +116,28 @@ class TailoredPolicy(nn.Module):
         return (scores / self.sampling.temperature).log_softmax(-1)
 
     @torch.no_grad()
-    def sample(self, prompts: Prompts, generator: Optional[torch.Generator] = None, use_adapter: bool = True) -> Rollout:
-        """Sample responses with KV caches; the base runs exactly once per generated token."""
-        s = self.sampling
-        mask = prompts.mask
-        positions = position_ids(mask)
-        base_lp, base_cache = self.base(prompts.ids, mask, positions)
+    def sample(
+        self, prompts: Prompts, generator: Optional[torch.Generator] = None, use_adapter: bool = True, samples_per_prompt: int = 1
+    ) -> Rollout:
+        """Sample responses with KV caches; the base runs exactly once per generated token.
+
+        With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
+        k consecutive rows of the rollout.
+        """
+        s, k = self.sampling, samples_per_prompt
+        positions = position_ids(prompts.mask)
+        base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions)
+        base_lp = base_lp.repeat_interleave(k, dim=0)
+        base_cache.batch_repeat_interleave(k)
         adapter_cache = None
         if use_adapter:
-            hidden, adapter_cache = self.adapter(prompts.ids, mask, positions, use_cache=True)
-            hidden = hidden[:, -1]
+            hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, use_cache=True)
+            hidden = hidden[:, -1].repeat_interleave(k, dim=0)
+            adapter_cache.batch_repeat_interleave(k)
+        prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
+        mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
         batch = prompts.ids.shape[0]
         alive = torch.ones(batch, dtype=torch.bool, device=mask.device)
-        next_position = positions[:, -1]
         steps: list[tuple[Tensor, ...]] = []
         for t in range(s.max_new_tokens):
             adapter_logits = self.adapter.head(hidden) if use_adapter else None

@@ -65,7 +65,7 @@ def policy_factory(tiny_llama):
     """Builds a TailoredPolicy over the tiny Llama (base: all layers; adapter: the first k)."""
 
     def build(alpha: float = 1.0, head: str = "zeros", num_layers: int = 2, **sampling) -> TailoredPolicy:
-        base = LocalBase(tiny_llama)
+        base = LocalBase(tiny_llama, dtype="float32")
         adapter = Adapter.build(AdapterConfig(num_layers=num_layers, head=head), base)
         return TailoredPolicy(base, adapter, alpha, Sampling(**sampling))
 

@@ -6,7 +6,7 @@ from lightning_ipa.bases import resolve_pretrained
 
 
 def test_vocabulary_mismatch_fails_at_start_up_with_both_sizes(tiny_llama, tiny_gpt2_other_vocab):
-    base = LocalBase(tiny_llama)
+    base = LocalBase(tiny_llama, dtype="float32")
     with pytest.raises(ValueError) as error:
         Adapter.build(AdapterConfig(name_or_path=tiny_gpt2_other_vocab), base)
     message = str(error.value)
@@ -14,7 +14,7 @@ def test_vocabulary_mismatch_fails_at_start_up_with_both_sizes(tiny_llama, tiny_
 
 
 def test_truncated_adapter_keeps_the_bases_first_layers(tiny_llama):
-    base = LocalBase(tiny_llama)
+    base = LocalBase(tiny_llama, dtype="float32")
     adapter = Adapter.build(AdapterConfig(num_layers=2, head="zeros"), base)
     assert len(adapter.body.layers) == 2
     for layer in range(2):
@@ -29,7 +29,7 @@ def test_truncated_adapter_keeps_the_bases_first_layers(tiny_llama):
 
 
 def test_projection_head_starts_at_zero_and_trains_only_the_projection(tiny_llama):
-    base = LocalBase(tiny_llama)
+    base = LocalBase(tiny_llama, dtype="float32")
     adapter = Adapter.build(AdapterConfig(head="projection"), base)
     projection, output = adapter.head
     trainable = [p for p in adapter.head.parameters() if p.requires_grad]
@@ -39,7 +39,7 @@ def test_projection_head_starts_at_zero_and_trains_only_the_projection(tiny_llam
 
 
 def test_adapter_from_its_own_checkpoint_with_the_same_tokenizer(tiny_llama):
-    base = LocalBase(tiny_llama)
+    base = LocalBase(tiny_llama, dtype="float32")
     adapter = Adapter.build(AdapterConfig(name_or_path=tiny_llama, num_layers=1), base)
     assert len(adapter.body.layers) == 1
 

@@ -119,6 +119,18 @@ def test_left_padded_batch_equals_each_row_alone(policy_factory):
         assert torch.allclose(evaluated.logprobs[i, :n], single.logprobs[0, :n], atol=1e-4)
 
 
+def test_k_samples_per_prompt_read_each_prompt_once(policy_factory):
+    """Sharing a prompt's caches among its k samples changes nothing but the prompt forwards."""
+    policy = policy_factory(head="pretrained", top_p=0.9, max_new_tokens=7, min_new_tokens=7)
+    shared = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(5), samples_per_prompt=3)
+    repeated = policy.sample(policy.base.encode([p for p in PROMPTS for _ in range(3)]), torch.Generator().manual_seed(5))
+    assert torch.equal(shared.prompt_ids, repeated.prompt_ids) and torch.equal(shared.prompt_mask, repeated.prompt_mask)
+    assert torch.equal(shared.response_ids, repeated.response_ids)
+    assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    assert torch.allclose(shared.reference_logprobs, repeated.reference_logprobs, atol=1e-5)
+    assert torch.allclose(policy.evaluate(shared).logprobs, shared.logprobs, atol=1e-4)
+
+
 def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory):
     policy = policy_factory(head="pretrained", top_p=0.9, temperature=0.8, max_new_tokens=10, min_new_tokens=3)
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(1))
