@@ -87,7 +87,8 @@ def fast_inference_dtype() -> DType:
     """bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32."""
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
