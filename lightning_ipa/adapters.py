@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterConfig:
     """How to build the adapter.
 

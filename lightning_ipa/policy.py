@@ -15,7 +15,7 @@ from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
 NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider nuclei fall back to a full sort
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     """Decoding settings of the tailored policy (rollouts, validation and predict alike).
 
