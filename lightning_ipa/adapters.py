@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
@@ -17,9 +19,9 @@ class AdapterConfig:
     Args:
         name_or_path: Adapter checkpoint (hub name, folder, .gguf); None: the base's own checkpoint.
         num_layers: Keep only the first k transformer layers (exactly the checkpoint's tensors); None: all.
-        head: Output head. 'projection': the checkpoint's frozen LM head after a zero-initialised
-            H×H projection, so the tailored policy starts exactly at the base (H² trainable weights;
-            learnt fastest in the quickstart). 'zeros': a fresh untied V×H head initialised to 0 (also
+        head: Output head. 'projection': the checkpoint's frozen LM head (in the base's dtype) after a
+            zero-initialised H×H projection, so the tailored policy starts exactly at the base (H²
+            trainable weights; learnt fastest in the quickstart). 'zeros': a fresh untied V×H head initialised to 0 (also
             starts at the base). 'pretrained': the checkpoint's own LM head (the paper's plain
             product of experts).
         train_embeddings: Train the input embeddings too (a tied 'pretrained' head always trains them).
@@ -62,7 +64,7 @@ class Adapter(nn.Module):
         if config.head == "pretrained":
             head = pretrained_head.requires_grad_(True)
         elif config.head == "projection":
-            head = nn.Sequential(zeros_linear(hidden, hidden, dtype), pretrained_head.requires_grad_(False))
+            head = ProjectedHead(pretrained_head, frozen_dtype=base.dtype)
         else:
             head = zeros_linear(hidden, pretrained_head.out_features, dtype)
         return cls(body, head, hidden)
@@ -71,6 +73,22 @@ class Adapter(nn.Module):
         """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``)."""
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
         return out.last_hidden_state, out.cache
+
+
+class ProjectedHead(nn.Module):
+    """A trainable H×H projection, zero at start, before a frozen copy of a pretrained LM head.
+
+    The copy is untied from the input embeddings (which may train) and runs in ``frozen_dtype``,
+    the base's: the frozen V×H matrix is the adapter's largest matmul, in sampling and in the loss.
+    """
+
+    def __init__(self, lm_head: nn.Linear, frozen_dtype: torch.dtype):
+        super().__init__()
+        self.projection = zeros_linear(lm_head.in_features, lm_head.in_features, lm_head.weight.dtype)
+        self.lm_head = copy.deepcopy(lm_head).requires_grad_(False).to(frozen_dtype)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.projection(hidden).to(self.lm_head.weight.dtype))
 
 
 def zeros_linear(in_features: int, out_features: int, dtype) -> nn.Linear:

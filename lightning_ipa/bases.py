@@ -129,6 +129,10 @@ class LocalBase(nn.Module):
         self.forward_count = 0  # forwards since construction: one per generated token
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    @property
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().out_features
 

@@ -13,6 +13,9 @@ from .bases import LocalBase
 from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
 
 NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider nuclei fall back to a full sort
+# evaluate() scores tokens in blocks of at most this many [tokens × vocabulary] floats (16 MB): under glibc's
+# 32 MB mmap threshold, so they are reused from the heap rather than mapped and zeroed afresh (~2× faster on CPU)
+EVALUATE_BLOCK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -163,19 +166,23 @@ class TailoredPolicy(nn.Module):
     def evaluate(self, rollout: Rollout) -> PolicyEval:
         """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
 
-        The output head and the combination run on real response tokens only, never on padding.
+        The output head and the combination run on real response tokens only, never on padding,
+        a block of tokens at a time.
         """
         ids, mask = sequence(rollout)
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
         hidden, _ = self.adapter(ids, mask, position_ids(mask))
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = rollout.response_mask.bool()  # [B, T]
-        steps = torch.arange(response_len, device=ids.device).expand_as(real)[real]  # [N]
-        logprobs = self.distribution(rollout.base_logprobs[real], self.adapter.head(hidden[real]), steps)  # [N, V]
-        token_lp = logprobs.gather(-1, rollout.response_ids[real][:, None]).squeeze(-1)  # [N]
-        finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # banned tokens: p·log p = 0, and so is its gradient
-        entropy = -(finite.exp() * finite).sum(-1)  # [N]
-        return PolicyEval(_unpack(token_lp, real), _unpack(entropy, real), hidden)
+        rows, steps = real.nonzero(as_tuple=True)  # [N] each
+        token_lps, entropies = [], []
+        chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
+        for r, t in zip(rows.split(chunk), steps.split(chunk)):
+            logprobs = self.distribution(rollout.base_logprobs[r, t], self.adapter.head(hidden[r, t]), t)  # [n, V]
+            token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
+            finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # banned tokens: p·log p = 0, and so is its gradient
+            entropies.append(-(finite.exp() * finite).sum(-1))
+        return PolicyEval(_unpack(torch.cat(token_lps), real), _unpack(torch.cat(entropies), real), hidden)
 
 
 def _unpack(values: Tensor, real: Tensor) -> Tensor:

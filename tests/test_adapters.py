@@ -31,11 +31,24 @@ def test_truncated_adapter_keeps_the_bases_first_layers(tiny_llama):
 def test_projection_head_starts_at_zero_and_trains_only_the_projection(tiny_llama):
     base = LocalBase(tiny_llama, dtype="float32")
     adapter = Adapter.build(AdapterConfig(head="projection"), base)
-    projection, output = adapter.head
+    projection, output = adapter.head.projection, adapter.head.lm_head
     trainable = [p for p in adapter.head.parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0] is projection.weight and projection.weight.shape == (32, 32)
     assert torch.equal(output.weight, base.lm.lm_head.weight) and not output.weight.requires_grad
     assert (adapter.head(torch.randn(4, 32)) == 0).all()
+
+
+def test_projection_heads_frozen_copy_runs_in_the_bases_dtype_and_leaves_embeddings_trainable(tiny_llama):
+    base = LocalBase(tiny_llama, dtype="bfloat16")
+    adapter = Adapter.build(AdapterConfig(head="projection", train_embeddings=True), base)
+    assert adapter.head.lm_head.weight.dtype == torch.bfloat16 and adapter.head.projection.weight.dtype == torch.float32
+    embeddings = adapter.body.embed_tokens.weight
+    assert embeddings.requires_grad and embeddings.dtype == torch.float32  # untied from the frozen head copy
+    with torch.no_grad():
+        adapter.head.projection.weight.copy_(torch.eye(32))
+    hidden = torch.randn(4, 32, requires_grad=True)
+    adapter.head(hidden).float().sum().backward()
+    assert hidden.grad is not None and adapter.head.projection.weight.grad is not None
 
 
 def test_adapter_from_its_own_checkpoint_with_the_same_tokenizer(tiny_llama):

@@ -55,11 +55,11 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     keys = checkpoint["state_dict"].keys()
     assert keys and not any(k.startswith("policy.base.") for k in keys)
-    assert "policy.adapter.head.0.weight" in keys and "algorithm.kl_coef" in keys
+    assert "policy.adapter.head.projection.weight" in keys and "algorithm.kl_coef" in keys
     assert "policy.adapter.body.embed_tokens.weight" not in keys  # frozen: rebuilt from its checkpoint
     assert checkpoint["global_step"] == 2 and "rng" in checkpoint
 
-    assert "policy.adapter.head.1.weight" not in keys  # the frozen LM head under the projection, too
+    assert "policy.adapter.head.lm_head.weight" not in keys  # the frozen LM head under the projection, too
 
     last = str(run / "checkpoints" / "last.ckpt")
     tested = main(["test", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", last])
