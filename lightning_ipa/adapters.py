@@ -19,11 +19,11 @@ class AdapterConfig:
     Args:
         name_or_path: Adapter checkpoint (hub name, folder, .gguf); None: the base's own checkpoint.
         num_layers: Keep only the first k transformer layers (exactly the checkpoint's tensors); None: all.
-        head: Output head. 'projection': the checkpoint's frozen LM head (in the base's dtype) after a
-            zero-initialised H×H projection, so the tailored policy starts exactly at the base (H²
-            trainable weights; learnt fastest in the quickstart). 'zeros': a fresh untied V×H head initialised to 0 (also
-            starts at the base). 'pretrained': the checkpoint's own LM head (the paper's plain
-            product of experts).
+        head: Output head. 'projection': the checkpoint's frozen LM head (run in the base's dtype)
+            after a zero-initialised H×H projection, so the tailored policy starts exactly at the
+            base (H² trainable weights; learnt fastest in the quickstart). 'zeros': a fresh untied
+            V×H head initialised to 0 (also starts at the base). 'pretrained': the checkpoint's own
+            LM head (the paper's plain product of experts).
         train_embeddings: Train the input embeddings too (a tied 'pretrained' head always trains them).
         dtype: Adapter weights' dtype (trained; keep float32 unless using mixed precision).
     """

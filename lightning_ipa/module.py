@@ -40,6 +40,7 @@ class IPAModule(LightningModule):
         head_lr: float = 1e-3,
         weight_decay: float = 0.0,
         max_grad_norm: Optional[float] = 1.0,
+        missing_eos_penalty: Optional[float] = None,
         eval_seed: int = 1234,
         num_logged_samples: int = 8,
     ):
@@ -55,6 +56,8 @@ class IPAModule(LightningModule):
             head_lr: Learning rate of the adapter's output head and the algorithm's own parameters.
             weight_decay: AdamW weight decay.
             max_grad_norm: Gradient-norm clip per update (None: off).
+            missing_eos_penalty: Subtracted from the training reward of responses cut at
+                ``max_new_tokens`` before EOS (None: off); favours finished answers over run-ons.
             eval_seed: Seed of validation/test/predict sampling, so every evaluation sees the same draws.
             num_logged_samples: Validation samples shown in TensorBoard's text table.
         """
@@ -93,7 +96,7 @@ class IPAModule(LightningModule):
         # 2. Score the decoded responses.
         scores = self.score(batch, self.decode(rollout))
         # 3. Turn rewards into advantages (and value targets).
-        experience = self.algorithm.prepare(rollout, scores["reward"])
+        experience = self.algorithm.prepare(rollout, self.shaped_reward(rollout, scores["reward"]))
         # 4. Epochs × minibatches of adapter updates; the base's log-probs come from the rollout.
         losses = []
         for minibatch in self.algorithm.minibatches(experience):
@@ -110,12 +113,23 @@ class IPAModule(LightningModule):
         scores = self.reward(batch["prompt"], responses, batch["meta"])
         return {name: torch.as_tensor(value, dtype=torch.float32, device=self.device) for name, value in scores.items()}
 
+    def ended(self, rollout: Rollout) -> Tensor:
+        """[B] whether each response ended with EOS (rather than at ``max_new_tokens``)."""
+        return (rollout.response_ids == self.policy.eos_id).any(-1)
+
+    def shaped_reward(self, rollout: Rollout, reward: Tensor) -> Tensor:
+        """The task's reward, less ``missing_eos_penalty`` for responses that never ended."""
+        if self.hparams.missing_eos_penalty is None:
+            return reward
+        return reward - self.hparams.missing_eos_penalty * (~self.ended(rollout)).float()
+
     def log_training(self, rollout: Rollout, scores: dict[str, Tensor], losses: list[dict[str, Tensor]]) -> None:
         n = len(rollout.response_ids)
         logs = {f"train/{name}": value.mean() for name, value in scores.items()}
         logs["train/kl"] = rollout.kl.sum(-1).mean()
         logs["train/kl_coef"] = self.algorithm.kl_coef
         logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
+        logs["train/ended"] = self.ended(rollout).float().mean()
         logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
         shown = {"train/reward", "train/kl"}
         self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from lightning_ipa import IPAModule, LocalBase
 from lightning_ipa.metrics import DistinctN, distinct_ratio
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
 from tasks.quickstart.reward import coverage
@@ -58,3 +59,12 @@ def test_predict_file_and_malformed_rows(tmp_path):
         ConceptsDataModule(predict_file=str(bad)).setup()
     with pytest.raises(ValueError, match="template must contain"):
         ConceptsDataModule(template="no placeholder")
+
+
+def test_missing_eos_penalty_lowers_the_training_reward_of_unfinished_responses(tiny_llama):
+    module = IPAModule(LocalBase(tiny_llama, dtype="float32"), ConceptCoverage(), missing_eos_penalty=0.5)
+    eos, pad, word = module.policy.eos_id, module.policy.pad_id, 5
+    rollout = module.policy.sample(module.policy.base.encode(["a", "b"]), torch.Generator().manual_seed(0))
+    rollout = rollout._replace(response_ids=torch.tensor([[word, eos, pad], [word, word, word]]))
+    assert module.ended(rollout).tolist() == [True, False]
+    torch.testing.assert_close(module.shaped_reward(rollout, torch.tensor([0.8, 0.8])), torch.tensor([0.8, 0.3]))
