@@ -131,12 +131,16 @@ def test_k_samples_per_prompt_read_each_prompt_once(policy_factory):
     assert torch.allclose(policy.evaluate(shared).logprobs, shared.logprobs, atol=1e-4)
 
 
-def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory):
+@pytest.mark.parametrize("block_tokens", [None, 4])  # None: one block; 4: the loss is scored 4 tokens at a time
+def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory, monkeypatch, block_tokens):
     policy = policy_factory(head="pretrained", top_p=0.9, temperature=0.8, max_new_tokens=10, min_new_tokens=3)
+    if block_tokens:
+        monkeypatch.setattr("lightning_ipa.policy.EVALUATE_BLOCK", block_tokens * policy.base.vocab_size)
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(1))
     evaluated = policy.evaluate(rollout)
     assert torch.allclose(evaluated.logprobs, rollout.logprobs, atol=1e-4)
-    assert torch.isfinite(evaluated.entropy).all()
+    assert torch.isfinite(evaluated.entropy).all() and (evaluated.entropy[rollout.response_mask.bool()] > 0).all()
+    assert (evaluated.logprobs[~rollout.response_mask.bool()] == 0).all()
 
 
 def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
