@@ -175,14 +175,18 @@ class TailoredPolicy(nn.Module):
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = rollout.response_mask.bool()  # [B, T]
         rows, steps = real.nonzero(as_tuple=True)  # [N] each
-        token_lps, entropies = [], []
+        token_lps, entropies, kls = [], [], []
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
+        lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            logprobs = self.distribution(rollout.base_logprobs[r, t], self.adapter.head(hidden[r, t]), t)  # [n, V]
+            base_lp = rollout.base_logprobs[r, t]
+            logprobs = self.distribution(base_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
-            finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # banned tokens: p·log p = 0, and so is its gradient
-            entropies.append(-(finite.exp() * finite).sum(-1))
-        return PolicyEval(_unpack(torch.cat(token_lps), real), _unpack(torch.cat(entropies), real), hidden)
+            finite, probs = logprobs.clamp(min=lowest), logprobs.exp()
+            entropy = -(probs * finite).sum(-1)
+            entropies.append(entropy)
+            kls.append(-entropy - (probs * self.distribution(base_lp, None, t).clamp(min=lowest)).sum(-1))
+        return PolicyEval(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, _unpack(torch.cat(kls), real))
 
 
 def _unpack(values: Tensor, real: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ class PolicyEval(NamedTuple):
     logprobs: Tensor  # [B, T]
     entropy: Tensor  # [B, T]
     hidden: Tensor  # [B, T, H]
+    kl: Tensor  # [B, T] exact KL(tailored ‖ base) between the full distributions at each position
 
 
 class Experience(NamedTuple):

@@ -95,7 +95,7 @@ def test_ppo_prepare_and_loss_at_the_sampling_policy():
     assert torch.allclose(experience.values, torch.zeros_like(mask, dtype=torch.float))  # zero-initialised critic
     assert (experience.advantages[mask == 0] == 0).all() and (experience.returns[mask == 0] == 0).all()
     assert ppo.kl_coef != 0.5  # adaptive coefficient moved
-    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden), experience)
+    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden, torch.zeros_like(rollout.logprobs)), experience)
     assert abs(out.stats["policy"]) < 1e-5  # ratio 1: −mean(whitened advantages) = 0
     assert out.stats["clip_fraction"] == 0
     returns = experience.returns[mask.bool()]
@@ -103,15 +103,17 @@ def test_ppo_prepare_and_loss_at_the_sampling_policy():
 
 
 def test_rloo_prepare_and_loss():
-    rloo = RLOO(samples_per_prompt=4, kl_coef=0.0)
+    rloo = RLOO(samples_per_prompt=4, kl_coef=0.0, kl_loss_coef=0.1)
     rollout = fake_rollout()
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
     experience = rloo.prepare(rollout, scores)
     mask = rollout.response_mask
     expected = leave_one_out_advantages(scores, 4)[:, None] * mask
     assert torch.allclose(experience.advantages, expected)
-    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden), experience)
-    assert torch.isclose(out.loss, -(expected * mask).sum() / mask.sum())
+    kl = torch.rand_like(rollout.logprobs) * mask
+    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
+    assert torch.isclose(out.loss, (-expected + 0.1 * kl).sum() / mask.sum())  # ratio 1: −mean(A) + β·mean(KL)
+    assert torch.isclose(out.stats["kl"], kl.sum() / mask.sum())
 
 
 def test_rloo_needs_two_samples():

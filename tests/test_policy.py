@@ -143,6 +143,21 @@ def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory, mon
     assert (evaluated.logprobs[~rollout.response_mask.bool()] == 0).all()
 
 
+@pytest.mark.parametrize("head_std", [0.0, 5.0])  # 0: the zero head, i.e. the base itself; 5: far from it
+def test_loss_kl_is_the_exact_kl_of_the_full_distributions(policy_factory, head_std):
+    policy = policy_factory(head="zeros", temperature=0.8, max_new_tokens=8, min_new_tokens=3)
+    nn.init.normal_(policy.adapter.head.weight, std=head_std)
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(2))
+    steps = torch.arange(rollout.response_ids.shape[1])[None]  # [1, T], broadcast over rows
+    tailored = policy.distribution(rollout.base_logprobs, policy.adapter.head(rollout.hidden), steps)
+    base = policy.distribution(rollout.base_logprobs, None, steps)
+    expected = torch.where(tailored.isfinite(), tailored.exp() * (tailored - base), 0.0).sum(-1) * rollout.response_mask
+    kl = policy.evaluate(rollout).kl
+    assert torch.allclose(kl, expected, atol=1e-5)
+    assert (kl >= -1e-6).all() and (kl[rollout.response_mask == 0] == 0).all()
+    assert (kl.max() > 0.1) if head_std else (kl.abs().max() < 1e-6)
+
+
 def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=16)
     pad = policy.pad_id

@@ -27,6 +27,7 @@ class PPO(Algorithm):
         kl_coef: float = 0.05,
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
+        kl_loss_coef: float = 0.0,
     ):
         """
         Args:
@@ -41,12 +42,15 @@ class PPO(Algorithm):
             kl_coef: Initial weight of the per-token KL(tailored ‖ base) penalty.
             kl_target: Target KL per sequence for the adaptive coefficient (None: fixed).
             kl_horizon: Horizon (samples) of the adaptive KL controller.
+            kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
+                full distributions at each position (no sampling noise, unlike the sampled KL in the rewards).
         """
         super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon)
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.value_coef = value_coef
         self.entropy_coef = entropy_coef
+        self.kl_loss_coef = kl_loss_coef
         self.gamma = gamma
         self.lam = lam
         self.value_head: Optional[nn.Linear] = None
@@ -72,6 +76,7 @@ class PPO(Algorithm):
         policy = clipped_policy_loss(evaluation.logprobs, experience.rollout.logprobs, experience.advantages, mask, self.clip_range)
         value = clipped_value_loss(self.values(evaluation.hidden, mask), experience.values, experience.returns, mask, self.value_clip_range)
         entropy = masked_mean(evaluation.entropy, mask)
-        loss = policy.loss + self.value_coef * value.loss - self.entropy_coef * entropy
-        stats = {"policy": policy.loss, "value": value.loss, "entropy": entropy, "clip_fraction": policy.clip_fraction, "value_clip_fraction": value.clip_fraction}
+        kl = masked_mean(evaluation.kl, mask)
+        loss = policy.loss + self.value_coef * value.loss - self.entropy_coef * entropy + self.kl_loss_coef * kl
+        stats = {"policy": policy.loss, "value": value.loss, "entropy": entropy, "kl": kl, "clip_fraction": policy.clip_fraction, "value_clip_fraction": value.clip_fraction}
         return LossOutput(loss, {k: v.detach() for k, v in stats.items()})

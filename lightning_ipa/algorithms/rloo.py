@@ -16,6 +16,7 @@ class RLOO(Algorithm):
 
     The return is the sequence's score minus ``kl_coef``·KL(tailored ‖ base) of the sequence;
     each token of a sequence shares its advantage. With ``epochs`` > 1 the ratio is clipped as in PPO.
+    ``kl_loss_coef`` adds the exact per-token KL to the loss instead (or as well).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class RLOO(Algorithm):
         kl_coef: float = 0.05,
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
+        kl_loss_coef: float = 0.0,
     ):
         """
         Args:
@@ -39,6 +41,8 @@ class RLOO(Algorithm):
             kl_coef: Initial weight of the sequence KL(tailored ‖ base) penalty.
             kl_target: Target KL per sequence for the adaptive coefficient (None: fixed).
             kl_horizon: Horizon (samples) of the adaptive KL controller.
+            kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
+                full distributions at each position (no sampling noise, unlike the sampled KL in the return).
         """
         if samples_per_prompt < 2:
             raise ValueError(f"RLOO needs samples_per_prompt >= 2 for a leave-one-out baseline, got {samples_per_prompt}")
@@ -46,6 +50,7 @@ class RLOO(Algorithm):
         self.samples_per_prompt = samples_per_prompt
         self.clip_range = clip_range
         self.entropy_coef = entropy_coef
+        self.kl_loss_coef = kl_loss_coef
 
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
         sequence_kl = rollout.kl.sum(-1)
@@ -58,5 +63,7 @@ class RLOO(Algorithm):
         mask = experience.rollout.response_mask
         policy = clipped_policy_loss(evaluation.logprobs, experience.rollout.logprobs, experience.advantages, mask, self.clip_range)
         entropy = masked_mean(evaluation.entropy, mask)
-        loss = policy.loss - self.entropy_coef * entropy
-        return LossOutput(loss, {"policy": policy.loss.detach(), "entropy": entropy.detach(), "clip_fraction": policy.clip_fraction.detach()})
+        kl = masked_mean(evaluation.kl, mask)
+        loss = policy.loss - self.entropy_coef * entropy + self.kl_loss_coef * kl
+        stats = {"policy": policy.loss, "entropy": entropy, "kl": kl, "clip_fraction": policy.clip_fraction}
+        return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
