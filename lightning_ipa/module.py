@@ -36,6 +36,7 @@ class IPAModule(LightningModule):
         adapter: AdapterConfig = AdapterConfig(),
         alpha: float = 1.0,
         sampling: Sampling = Sampling(),
+        rollout_top_p: Optional[float] = None,
         lr: float = 1e-4,
         head_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -52,6 +53,8 @@ class IPAModule(LightningModule):
             adapter: How to build the adapter.
             alpha: Weight α of the adapter in log_softmax(base) + α·adapter.
             sampling: Decoding settings for rollouts, validation, test and predict.
+            rollout_top_p: Nucleus mass of the training rollouts only (None: ``sampling.top_p``); e.g. 1.0
+                explores the whole tailored distribution, as Quark does, while evaluation keeps top-p.
             lr: Learning rate of the adapter's transformer layers.
             head_lr: Learning rate of the adapter's output head and the algorithm's own parameters.
             weight_decay: AdamW weight decay.
@@ -61,6 +64,8 @@ class IPAModule(LightningModule):
             eval_seed: Seed of validation/test/predict sampling, so every evaluation sees the same draws.
             num_logged_samples: Validation samples shown in TensorBoard's text table.
         """
+        if rollout_top_p is not None and not 0 < rollout_top_p <= 1:
+            raise ValueError(f"rollout_top_p must be in (0, 1] (or None for sampling.top_p), got {rollout_top_p}")
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -91,7 +96,7 @@ class IPAModule(LightningModule):
         optimizer = self.optimizers()
         k = self.algorithm.samples_per_prompt
         # 1. Sample k responses per prompt from the tailored policy (the only place the base runs: once per token).
-        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]), samples_per_prompt=k)
+        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]), samples_per_prompt=k, top_p=self.hparams.rollout_top_p)
         batch = repeat_prompts(batch, k)
         # 2. Score the decoded responses.
         scores = self.score(batch, self.decode(rollout))

@@ -120,14 +120,20 @@ class TailoredPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, prompts: Prompts, generator: Optional[torch.Generator] = None, use_adapter: bool = True, samples_per_prompt: int = 1
+        self,
+        prompts: Prompts,
+        generator: Optional[torch.Generator] = None,
+        use_adapter: bool = True,
+        samples_per_prompt: int = 1,
+        top_p: Optional[float] = None,
     ) -> Rollout:
         """Sample responses with KV caches; the base runs exactly once per generated token.
 
         With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
-        k consecutive rows of the rollout.
+        k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
         """
         s, k = self.sampling, samples_per_prompt
+        top_p = s.top_p if top_p is None else top_p
         positions = position_ids(prompts.mask)
         base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions)
         base_lp = base_lp.repeat_interleave(k, dim=0)
@@ -146,7 +152,7 @@ class TailoredPolicy(nn.Module):
             adapter_logits = self.adapter.head(hidden) if use_adapter else None
             logprobs = self.distribution(base_lp, adapter_logits, t)
             real = alive  # rows still generating; finished rows get padding
-            token = sample_token(logprobs, s.top_k, s.top_p, generator).masked_fill(~real, self.pad_id)
+            token = sample_token(logprobs, s.top_k, top_p, generator).masked_fill(~real, self.pad_id)
             token_lp = _pick(logprobs, token, real)
             reference_lp = _pick(self.distribution(base_lp, None, t), token, real) if use_adapter else token_lp
             steps.append((token, real, token_lp, reference_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))

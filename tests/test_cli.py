@@ -88,6 +88,11 @@ def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
         main(["fit", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", "last"])
 
 
+def test_bad_rollout_top_p_says_what_is_allowed(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match=r"rollout_top_p must be in \(0, 1\]"):
+        main(["fit", *tiny_args(tiny_llama, tmp_path), "--model.rollout_top_p=1.5"])
+
+
 def test_help_shows_documented_knobs():
     out = subprocess.run([sys.executable, "-m", "lightning_ipa", "fit", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

@@ -158,6 +158,16 @@ def test_loss_kl_is_the_exact_kl_of_the_full_distributions(policy_factory, head_
     assert (kl.max() > 0.1) if head_std else (kl.abs().max() < 1e-6)
 
 
+def test_top_p_of_one_call_samples_as_a_policy_with_that_top_p(policy_factory):
+    narrow, wide = (policy_factory(head="zeros", top_p=p, max_new_tokens=8) for p in (0.3, 1.0))
+    for policy in (narrow, wide):
+        nn.init.normal_(policy.adapter.head.weight, std=5.0, generator=torch.Generator().manual_seed(0))
+    prompts = narrow.base.encode(PROMPTS)
+    overridden = narrow.sample(prompts, torch.Generator().manual_seed(5), top_p=1.0).response_ids
+    assert torch.equal(overridden, wide.sample(prompts, torch.Generator().manual_seed(5)).response_ids)
+    assert not torch.equal(overridden, narrow.sample(prompts, torch.Generator().manual_seed(5)).response_ids)
+
+
 def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=16)
     pad = policy.pad_id
