@@ -33,6 +33,10 @@ def test_reward_punishes_repetition():
     assert scores["coverage"].tolist() == [1.0, 1.0]
     assert scores["reward"][0] == 1.0
     assert torch.isclose(scores["reward"][1], torch.tensor(3 / 8))  # 8 bigrams, 3 distinct
+    penalised = ConceptCoverage(repetition_power=2, repetition_penalty=0.5)
+    scores = penalised(["p"] * 3, ["The dog runs to a tree.", "dog run tree dog run tree dog run tree", "the cat saw the cat"], meta[:1] * 3)
+    expected = [1.0, (3 / 8) ** 2 - 0.5 * (5 / 8), 0.0 - 0.5 * (1 / 4)]  # the last covers nothing and still pays
+    torch.testing.assert_close(scores["reward"], torch.tensor(expected))
 
 
 def test_concept_splits_are_disjoint_and_seeded():

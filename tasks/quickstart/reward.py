@@ -26,22 +26,26 @@ def coverage(concepts: list[str], text: str) -> float:
 
 
 class ConceptCoverage(Reward):
-    """reward = coverage × distinct-2^repetition_power.
+    """reward = coverage × distinct-2^repetition_power − repetition_penalty × (1 − distinct-2).
 
     Coverage alone is hacked by word lists that repeat the concepts; the distinct-2 factor
-    (distinct word bigrams / bigrams of the response) makes repetition cost reward.
+    (distinct word bigrams / bigrams of the response) makes repetition cost reward, and the
+    penalty makes it cost even in responses that cover no concept (where the factor cannot).
     """
 
     names = ("coverage", "fluency")
 
-    def __init__(self, repetition_power: float = 1.0):
+    def __init__(self, repetition_power: float = 1.0, repetition_penalty: float = 0.0):
         """
         Args:
             repetition_power: Exponent of the distinct-2 factor (0: coverage alone).
+            repetition_penalty: Weight of the additive (1 − distinct-2) penalty (0: off).
         """
         self.repetition_power = repetition_power
+        self.repetition_penalty = repetition_penalty
 
     def __call__(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
         cov = torch.tensor([coverage(m["concepts"], r) for m, r in zip(meta, responses)])
-        fluency = torch.tensor([distinct_ratio(r, 2) for r in responses]) ** self.repetition_power
-        return {"reward": cov * fluency, "coverage": cov, "fluency": fluency}
+        distinct = torch.tensor([distinct_ratio(r, 2) for r in responses])
+        fluency = distinct**self.repetition_power
+        return {"reward": cov * fluency - self.repetition_penalty * (1 - distinct), "coverage": cov, "fluency": fluency}
