@@ -105,7 +105,7 @@ class IPAModule(LightningModule):
         # 4. Epochs × minibatches of adapter updates; the base's log-probs come from the rollout.
         losses = []
         for minibatch in self.algorithm.minibatches(experience):
-            loss = self.algorithm.loss(self.policy.evaluate(minibatch.rollout), minibatch)
+            loss = self.algorithm.loss(self.policy.evaluate(minibatch.rollout, self.algorithm.needs_exact_kl), minibatch)
             optimizer.zero_grad()
             self.manual_backward(loss.loss)
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)

@@ -169,11 +169,11 @@ class TailoredPolicy(nn.Module):
         tokens, masks, token_lps, reference_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
         return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens)
 
-    def evaluate(self, rollout: Rollout) -> PolicyEval:
+    def evaluate(self, rollout: Rollout, with_kl: bool = False) -> PolicyEval:
         """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
 
         The output head and the combination run on real response tokens only, never on padding,
-        a block of tokens at a time.
+        a block of tokens at a time. ``with_kl`` adds the exact per-token KL(tailored ‖ base).
         """
         ids, mask = sequence(rollout)
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
@@ -191,8 +191,10 @@ class TailoredPolicy(nn.Module):
             finite, probs = logprobs.clamp(min=lowest), logprobs.exp()
             entropy = -(probs * finite).sum(-1)
             entropies.append(entropy)
-            kls.append(-entropy - (probs * self.distribution(base_lp, None, t).clamp(min=lowest)).sum(-1))
-        return PolicyEval(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, _unpack(torch.cat(kls), real))
+            if with_kl:
+                kls.append(-entropy - (probs * self.distribution(base_lp, None, t).clamp(min=lowest)).sum(-1))
+        kl = _unpack(torch.cat(kls), real) if with_kl else None
+        return PolicyEval(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
 
 
 def _unpack(values: Tensor, real: Tensor) -> Tensor:

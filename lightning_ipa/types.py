@@ -42,7 +42,7 @@ class PolicyEval(NamedTuple):
     logprobs: Tensor  # [B, T]
     entropy: Tensor  # [B, T]
     hidden: Tensor  # [B, T, H]
-    kl: Tensor  # [B, T] exact KL(tailored ‖ base) between the full distributions at each position
+    kl: Optional[Tensor] = None  # [B, T] exact KL(tailored ‖ base) of the full distributions (when asked for)
 
 
 class Experience(NamedTuple):

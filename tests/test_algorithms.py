@@ -95,7 +95,7 @@ def test_ppo_prepare_and_loss_at_the_sampling_policy():
     assert torch.allclose(experience.values, torch.zeros_like(mask, dtype=torch.float))  # zero-initialised critic
     assert (experience.advantages[mask == 0] == 0).all() and (experience.returns[mask == 0] == 0).all()
     assert ppo.kl_coef != 0.5  # adaptive coefficient moved
-    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden, torch.zeros_like(rollout.logprobs)), experience)
+    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden), experience)
     assert abs(out.stats["policy"]) < 1e-5  # ratio 1: −mean(whitened advantages) = 0
     assert out.stats["clip_fraction"] == 0
     returns = experience.returns[mask.bool()]

@@ -152,7 +152,8 @@ def test_loss_kl_is_the_exact_kl_of_the_full_distributions(policy_factory, head_
     tailored = policy.distribution(rollout.base_logprobs, policy.adapter.head(rollout.hidden), steps)
     base = policy.distribution(rollout.base_logprobs, None, steps)
     expected = torch.where(tailored.isfinite(), tailored.exp() * (tailored - base), 0.0).sum(-1) * rollout.response_mask
-    kl = policy.evaluate(rollout).kl
+    kl = policy.evaluate(rollout, with_kl=True).kl
+    assert policy.evaluate(rollout).kl is None  # computed only when asked for
     assert torch.allclose(kl, expected, atol=1e-5)
     assert (kl >= -1e-6).all() and (kl[rollout.response_mask == 0] == 0).all()
     assert (kl.max() > 0.1) if head_std else (kl.abs().max() < 1e-6)

@@ -21,13 +21,21 @@ class Algorithm(nn.Module, ABC):
 
     samples_per_prompt: int = 1
 
-    def __init__(self, epochs: int, minibatch_size: Optional[int], kl_coef: float, kl_target: Optional[float], kl_horizon: int):
+    def __init__(
+        self, epochs: int, minibatch_size: Optional[int], kl_coef: float, kl_target: Optional[float], kl_horizon: int, kl_loss_coef: float
+    ):
         super().__init__()
         self.epochs = epochs
+        self.kl_loss_coef = kl_loss_coef
         self.minibatch_size = minibatch_size
         self.kl_target = kl_target
         self.kl_horizon = kl_horizon
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
+
+    @property
+    def needs_exact_kl(self) -> bool:
+        """Whether ``loss`` reads ``PolicyEval.kl`` (the exact per-token KL to the base)."""
+        return self.kl_loss_coef > 0
 
     def setup(self, hidden_size: int) -> None:
         """Build what depends on the adapter (e.g. a value head over its hidden states)."""

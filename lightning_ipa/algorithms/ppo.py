@@ -45,12 +45,11 @@ class PPO(Algorithm):
             kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
                 full distributions at each position (no sampling noise, unlike the sampled KL in the rewards).
         """
-        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon)
+        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.value_coef = value_coef
         self.entropy_coef = entropy_coef
-        self.kl_loss_coef = kl_loss_coef
         self.gamma = gamma
         self.lam = lam
         self.value_head: Optional[nn.Linear] = None
@@ -76,7 +75,9 @@ class PPO(Algorithm):
         policy = clipped_policy_loss(evaluation.logprobs, experience.rollout.logprobs, experience.advantages, mask, self.clip_range)
         value = clipped_value_loss(self.values(evaluation.hidden, mask), experience.values, experience.returns, mask, self.value_clip_range)
         entropy = masked_mean(evaluation.entropy, mask)
-        kl = masked_mean(evaluation.kl, mask)
-        loss = policy.loss + self.value_coef * value.loss - self.entropy_coef * entropy + self.kl_loss_coef * kl
-        stats = {"policy": policy.loss, "value": value.loss, "entropy": entropy, "kl": kl, "clip_fraction": policy.clip_fraction, "value_clip_fraction": value.clip_fraction}
+        loss = policy.loss + self.value_coef * value.loss - self.entropy_coef * entropy
+        stats = {"policy": policy.loss, "value": value.loss, "entropy": entropy, "clip_fraction": policy.clip_fraction, "value_clip_fraction": value.clip_fraction}
+        if self.needs_exact_kl:
+            stats["kl"] = masked_mean(evaluation.kl, mask)
+            loss = loss + self.kl_loss_coef * stats["kl"]
         return LossOutput(loss, {k: v.detach() for k, v in stats.items()})

@@ -46,11 +46,10 @@ class RLOO(Algorithm):
         """
         if samples_per_prompt < 2:
             raise ValueError(f"RLOO needs samples_per_prompt >= 2 for a leave-one-out baseline, got {samples_per_prompt}")
-        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon)
+        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
         self.samples_per_prompt = samples_per_prompt
         self.clip_range = clip_range
         self.entropy_coef = entropy_coef
-        self.kl_loss_coef = kl_loss_coef
 
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
         sequence_kl = rollout.kl.sum(-1)
@@ -62,8 +61,9 @@ class RLOO(Algorithm):
     def loss(self, evaluation: PolicyEval, experience: Experience) -> LossOutput:
         mask = experience.rollout.response_mask
         policy = clipped_policy_loss(evaluation.logprobs, experience.rollout.logprobs, experience.advantages, mask, self.clip_range)
-        entropy = masked_mean(evaluation.entropy, mask)
-        kl = masked_mean(evaluation.kl, mask)
-        loss = policy.loss - self.entropy_coef * entropy + self.kl_loss_coef * kl
-        stats = {"policy": policy.loss, "entropy": entropy, "kl": kl, "clip_fraction": policy.clip_fraction}
+        stats = {"policy": policy.loss, "entropy": masked_mean(evaluation.entropy, mask), "clip_fraction": policy.clip_fraction}
+        loss = policy.loss - self.entropy_coef * stats["entropy"]
+        if self.needs_exact_kl:
+            stats["kl"] = masked_mean(evaluation.kl, mask)
+            loss = loss + self.kl_loss_coef * stats["kl"]
         return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
