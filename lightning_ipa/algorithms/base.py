@@ -26,10 +26,10 @@ class Algorithm(nn.Module, ABC):
     ):
         super().__init__()
         self.epochs = epochs
-        self.kl_loss_coef = kl_loss_coef
         self.minibatch_size = minibatch_size
         self.kl_target = kl_target
         self.kl_horizon = kl_horizon
+        self.kl_loss_coef = kl_loss_coef
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
 
     @property
