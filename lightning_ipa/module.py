@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -40,6 +41,7 @@ class IPAModule(LightningModule):
         lr: float = 1e-4,
         head_lr: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
         max_grad_norm: Optional[float] = 1.0,
         missing_eos_penalty: Optional[float] = None,
         eval_seed: int = 1234,
@@ -58,6 +60,8 @@ class IPAModule(LightningModule):
             lr: Learning rate of the adapter's transformer layers.
             head_lr: Learning rate of the adapter's output head and the algorithm's own parameters.
             weight_decay: AdamW weight decay.
+            lr_scheduler: A torch scheduler over both learning rates, stepped once per rollout
+                (None: constant), e.g. ``class_path: torch.optim.lr_scheduler.CosineAnnealingLR``.
             max_grad_norm: Gradient-norm clip per update (None: off).
             missing_eos_penalty: Subtracted from the training reward of responses cut at
                 ``max_new_tokens`` before EOS (None: off); favours finished answers over run-ons.
@@ -74,6 +78,7 @@ class IPAModule(LightningModule):
         self.reward = reward
         self.algorithm = algorithm or RLOO()
         self.algorithm.setup(self.policy.adapter.hidden_size)
+        self.lr_scheduler = lr_scheduler
         self.metrics = nn.ModuleDict(
             {f"{stage}_{policy}": self._evaluators() for stage in ("val", "test") for policy in POLICIES}
         )
@@ -111,6 +116,8 @@ class IPAModule(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
             optimizer.step()
             losses.append(loss.stats)
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()
         # 5. Log what happened.
         self.log_training(rollout, scores, losses)
 
@@ -186,14 +193,17 @@ class IPAModule(LightningModule):
 
     # ---- optimisation and checkpoints ----
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         head = [p for p in self.policy.adapter.head.parameters() if p.requires_grad] + list(self.algorithm.parameters())
         head_ids = {id(p) for p in head}
         body = [p for p in self.policy.adapter.body.parameters() if p.requires_grad and id(p) not in head_ids]
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [{"params": body, "lr": self.hparams.lr}, {"params": head, "lr": self.hparams.head_lr}],
             weight_decay=self.hparams.weight_decay,
         )
+        if self.lr_scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}  # rebuilt at start-up

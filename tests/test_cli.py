@@ -83,6 +83,18 @@ def test_resume_from_last_continues_the_same_run(tiny_llama, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_lr_scheduler_anneals_both_learning_rates_and_resumes(tiny_llama, tmp_path):
+    cosine = ["--model.lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR", "--model.lr_scheduler.T_max=4"]
+    main(["fit", *tiny_args(tiny_llama, tmp_path, 2, *cosine)])
+    resumed = main(["fit", *tiny_args(tiny_llama, tmp_path, 4, *cosine), "--ckpt_path", "last"])
+    logged = scalars(tmp_path / "quickstart" / "version_0")
+    lr, head_lr = 1e-4, 2e-4  # conf/quickstart.yaml
+    cosine_factors = [1.0, 0.8535534, 0.5, 0.1464466]  # (1 + cos(π·t/4)) / 2 before each of the 4 steps
+    assert logged["lr-AdamW/pg1"] == pytest.approx([lr * f for f in cosine_factors])
+    assert logged["lr-AdamW/pg2"] == pytest.approx([head_lr * f for f in cosine_factors])
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
 def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
     with pytest.raises(SystemExit, match="run `fit` first"):
         main(["fit", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", "last"])
