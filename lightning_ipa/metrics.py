@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 WORD = re.compile(r"\w+")
 
@@ -15,19 +17,27 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    tokens = words(text)
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
 def distinct_ratio(text: str, n: int) -> float:
     """Distinct n-grams / n-grams of one text's words (0 when it has no n-gram)."""
-    tokens = words(text)
-    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+    grams = ngrams(text, n)
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
-class DistinctN(Metric):
-    """distinct-n: per generation, distinct n-grams over n-grams (1 = no repetition), averaged."""
+class TextMetric(Metric):
+    """A metric updated with the generated texts themselves (rather than with scores)."""
 
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
+
+
+class DistinctN(TextMetric):
+    """distinct-n: per generation, distinct n-grams over n-grams (1 = no repetition), averaged."""
 
     def __init__(self, n: int = 2, **kwargs):
         super().__init__(**kwargs)
@@ -41,3 +51,30 @@ class DistinctN(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()
+
+
+class CorpusDistinctN(TextMetric):
+    """Corpus distinct-n (Li et al. 2016): distinct n-grams of all generations over their n-grams.
+
+    Low when generations share phrasing across prompts, e.g. one template with the prompt's
+    words filled in, which per-generation distinct-n cannot see. N-grams are kept as stable
+    64-bit hashes, so ranks agree under DDP.
+    """
+
+    def __init__(self, n: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.n = n
+        self.add_state("hashes", [], dist_reduce_fx="cat")
+
+    def update(self, texts: list[str]) -> None:
+        grams = [" ".join(gram) for text in texts for gram in ngrams(text, self.n)]
+        self.hashes.append(torch.tensor([stable_hash(g) for g in grams], dtype=torch.long, device=self.device))
+
+    def compute(self) -> torch.Tensor:
+        hashes = dim_zero_cat(self.hashes) if self.hashes else torch.zeros(0, dtype=torch.long)
+        return torch.tensor(hashes.unique().numel() / max(hashes.numel(), 1))
+
+
+def stable_hash(text: str) -> int:
+    """A signed 64-bit hash of ``text`` that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)

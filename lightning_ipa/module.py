@@ -15,7 +15,7 @@ from .adapters import Adapter, AdapterConfig
 from .algorithms import RLOO, Algorithm
 from .bases import LocalBase
 from .data import PromptBatch, repeat_prompts
-from .metrics import DistinctN
+from .metrics import CorpusDistinctN, DistinctN, TextMetric
 from .policy import Sampling, TailoredPolicy
 from .rewards import Reward
 from .types import Rollout
@@ -87,7 +87,7 @@ class IPAModule(LightningModule):
 
     def _evaluators(self) -> nn.ModuleDict:
         means = {name: MeanMetric() for name in ("reward", *self.reward.names)}
-        return nn.ModuleDict({**means, "distinct_2": DistinctN(2)})
+        return nn.ModuleDict({**means, "distinct_2": DistinctN(2), "corpus_distinct_2": CorpusDistinctN(2)})
 
     @property
     def tokenizer(self):
@@ -166,7 +166,7 @@ class IPAModule(LightningModule):
         for policy, texts in responses.items():
             metrics = self.metrics[f"{stage}_{policy}"]
             for name, metric in metrics.items():
-                if isinstance(metric, DistinctN):
+                if isinstance(metric, TextMetric):
                     metric.update(texts)
                 else:
                     metric.update(scores[policy][name])

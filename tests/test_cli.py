@@ -45,7 +45,7 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     logged = scalars(run)
     for tag in ["train/reward", "train/kl", "loss/policy", "lr-AdamW/pg1", "train/coverage"]:
         assert tag in logged, tag
-    for metric in ["reward", "coverage", "distinct_2"]:
+    for metric in ["reward", "coverage", "distinct_2", "corpus_distinct_2"]:
         for policy in ["tailored", "base"]:
             assert f"val/{metric}/{policy}" in logged
     text = EventAccumulator(str(run))

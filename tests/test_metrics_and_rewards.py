@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_ipa import IPAModule, LocalBase
-from lightning_ipa.metrics import DistinctN, distinct_ratio
+from lightning_ipa.metrics import CorpusDistinctN, DistinctN, distinct_ratio
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
 from tasks.quickstart.reward import coverage
 
@@ -17,6 +17,22 @@ def test_distinct_n():
     metric.update(["the dog saw the dog", "a b c"])
     metric.update(["x"])
     assert torch.isclose(metric.compute(), torch.tensor((0.75 + 1.0 + 0.0) / 3))
+
+
+def test_corpus_distinct_n_sees_a_shared_template():
+    metric = CorpusDistinctN(2)
+    metric.update(["the dog saw the dog", "The dog ran."])
+    assert metric.compute() == pytest.approx(4 / 6)  # the dog ×3, dog saw, saw the, dog ran
+    template = ["Three words: dog, run and tree.", "Three words: cat, sit and mat."]
+    per_text, corpus = DistinctN(2), CorpusDistinctN(2)
+    per_text.update(template)
+    corpus.update(template)
+    assert per_text.compute() == 1.0 and corpus.compute() == pytest.approx(9 / 10)  # "three words" twice
+    rank0, rank1 = CorpusDistinctN(2), CorpusDistinctN(2)  # DDP: states are gathered, then computed once
+    rank0.update(["the dog saw the dog"])
+    rank1.update(["The dog ran."])
+    rank0.merge_state(rank1)
+    assert rank0.compute() == pytest.approx(4 / 6)
 
 
 def test_coverage_matches_lemmas():
