@@ -35,16 +35,6 @@ def test_corpus_distinct_n_sees_a_shared_template():
     assert rank0.compute() == pytest.approx(4 / 6)
 
 
-def test_novelty_makes_a_shared_template_cost_reward():
-    prompts = ["p1", "p1", "p2", "p3"]
-    responses = ["Three words: dog, run and tree.", "The dog runs to a tree.", "Three words: cat, sit and mat.", "A cat sat."]
-    meta = [{"concepts": ["dog", "run", "tree"]}] * 2 + [{"concepts": ["cat", "sit", "mat"]}] * 2
-    scores = ConceptCoverage(repetition_power=1, novelty_power=2)(prompts, responses, meta)
-    # "three words" is 1 of the 5 bigrams of both templates (two prompts); a prompt's own samples may share
-    torch.testing.assert_close(scores["novelty"], torch.tensor([4 / 5, 1.0, 4 / 5, 1.0]))
-    torch.testing.assert_close(scores["reward"], torch.tensor([(4 / 5) ** 2, 1.0, (4 / 5) ** 2, 2 / 3]))  # "sat": a form of "sit"
-
-
 def test_coverage_matches_lemmas():
     assert coverage(["run", "dog", "apple"], "The dogs ran past an apple tree.") == 1.0
     assert coverage(["run", "dog", "apple"], "A dog sat.") == pytest.approx(1 / 3)
