@@ -71,7 +71,9 @@ class CorpusDistinctN(TextMetric):
         self.hashes.append(torch.tensor([stable_hash(g) for g in grams], dtype=torch.long, device=self.device))
 
     def compute(self) -> torch.Tensor:
-        hashes = dim_zero_cat(self.hashes) if self.hashes else torch.zeros(0, dtype=torch.long)
+        if isinstance(self.hashes, list) and not self.hashes:  # never updated (after a DDP sync: one tensor)
+            return torch.tensor(0.0)
+        hashes = dim_zero_cat(self.hashes)
         return torch.tensor(hashes.unique().numel() / max(hashes.numel(), 1))
 
 

@@ -29,6 +29,8 @@ def tiny_args(model: str, save_dir: Path, steps: int = 2, *extra: str) -> list[s
         "--data.init_args.val_size=6",
         "--data.init_args.batch_size=2",
         "--data.init_args.eval_batch_size=4",
+        "--model.algorithm.init_args.epochs=1",  # one optimizer step per rollout: steps count rollouts here
+        "--model.algorithm.init_args.minibatch_size=null",
         *extra,
     ]
 
