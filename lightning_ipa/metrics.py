@@ -18,6 +18,7 @@ def words(text: str) -> list[str]:
 
 
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The word n-grams of ``text``, in order."""
     tokens = words(text)
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
