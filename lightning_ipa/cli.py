@@ -63,6 +63,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)
         args=args,
         run=run,
     )
