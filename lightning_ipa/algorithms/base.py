@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..types import Experience, LossOutput, PolicyEval, Rollout, select
+from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean, select
 from .functional import adaptive_kl_coef
 
 
@@ -47,6 +47,13 @@ class Algorithm(nn.Module, ABC):
     @abstractmethod
     def loss(self, evaluation: PolicyEval, experience: Experience) -> LossOutput:
         """The loss of a minibatch, given the policy re-evaluated on its tokens."""
+
+    def loss_output(self, loss: Tensor, stats: dict[str, Tensor], evaluation: PolicyEval, mask: Tensor) -> LossOutput:
+        """``loss`` plus ``kl_loss_coef`` × the mean exact KL (when used, logged as ``kl``), with detached stats."""
+        if self.needs_exact_kl:
+            stats["kl"] = masked_mean(evaluation.kl, mask)
+            loss = loss + self.kl_loss_coef * stats["kl"]
+        return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
 
     def minibatches(self, experience: Experience) -> Iterator[Experience]:
         """``epochs`` shuffled passes over the experience, in minibatches."""

@@ -77,7 +77,4 @@ class PPO(Algorithm):
         entropy = masked_mean(evaluation.entropy, mask)
         loss = policy.loss + self.value_coef * value.loss - self.entropy_coef * entropy
         stats = {"policy": policy.loss, "value": value.loss, "entropy": entropy, "clip_fraction": policy.clip_fraction, "value_clip_fraction": value.clip_fraction}
-        if self.needs_exact_kl:
-            stats["kl"] = masked_mean(evaluation.kl, mask)
-            loss = loss + self.kl_loss_coef * stats["kl"]
-        return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
+        return self.loss_output(loss, stats, evaluation, mask)

@@ -62,8 +62,4 @@ class RLOO(Algorithm):
         mask = experience.rollout.response_mask
         policy = clipped_policy_loss(evaluation.logprobs, experience.rollout.logprobs, experience.advantages, mask, self.clip_range)
         stats = {"policy": policy.loss, "entropy": masked_mean(evaluation.entropy, mask), "clip_fraction": policy.clip_fraction}
-        loss = policy.loss - self.entropy_coef * stats["entropy"]
-        if self.needs_exact_kl:
-            stats["kl"] = masked_mean(evaluation.kl, mask)
-            loss = loss + self.kl_loss_coef * stats["kl"]
-        return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
+        return self.loss_output(policy.loss - self.entropy_coef * stats["entropy"], stats, evaluation, mask)
