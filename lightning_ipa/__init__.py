@@ -1,11 +1,11 @@
 """lightning_ipa: Inference-time Policy Adapters as a PyTorch Lightning framework."""
 
 from .adapters import Adapter, AdapterConfig
-from .algorithms import PPO, RLOO, Algorithm
+from .algorithms import PPO, RLOO, Algorithm, Quark
 from .bases import LocalBase
 from .data import PromptDataModule
 from .module import IPAModule
 from .policy import Sampling, TailoredPolicy
 from .rewards import Reward
 
-__all__ = ["Adapter", "AdapterConfig", "Algorithm", "IPAModule", "LocalBase", "PPO", "PromptDataModule", "RLOO", "Reward", "Sampling", "TailoredPolicy"]
+__all__ = ["Adapter", "AdapterConfig", "Algorithm", "IPAModule", "LocalBase", "PPO", "PromptDataModule", "Quark", "RLOO", "Reward", "Sampling", "TailoredPolicy"]

@@ -36,13 +36,34 @@ class AdapterConfig:
 
 
 class Adapter(nn.Module):
-    """A transformer body and an output head over the base's vocabulary."""
+    """A transformer body and an output head over the base's vocabulary, optionally with control codes."""
 
     def __init__(self, body: nn.Module, head: nn.Module, hidden_size: int):
         super().__init__()
         self.body = body
         self.head = head  # hidden states [..., H] → logits [..., V]
         self.hidden_size = hidden_size
+        self.controls: Optional[nn.Embedding] = None
+
+    def add_controls(self, n: int) -> None:
+        """Give the adapter ``n`` trainable control codes (Quark's reward quantiles).
+
+        A code is an input embedding read before the prompt, by the adapter only: it is not a token
+        of the vocabulary, so the base never sees it and it can never be sampled. The policy samples
+        with code 0 (rollouts and inference alike); the others appear in training data only.
+        """
+        embeddings = self.body.get_input_embeddings().weight
+        self.controls = nn.Embedding(n, self.hidden_size, dtype=embeddings.dtype, device=embeddings.device)
+        nn.init.normal_(self.controls.weight, std=embeddings.detach().float().std().item())
+
+    def sampling_control(self, batch: int, device: torch.device) -> Optional[Tensor]:
+        """The code the policy samples with, for each of ``batch`` rows [B] (None without codes)."""
+        return None if self.controls is None else torch.zeros(batch, dtype=torch.long, device=device)
+
+    def fresh_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that start from scratch (head, control codes): they get ``head_lr``."""
+        fresh = [*self.head.parameters(), *(self.controls.parameters() if self.controls is not None else [])]
+        return [p for p in fresh if p.requires_grad]
 
     @classmethod
     def build(cls, config: AdapterConfig, base: LocalBase) -> "Adapter":
@@ -69,10 +90,27 @@ class Adapter(nn.Module):
             head = zeros_linear(hidden, pretrained_head.out_features, dtype)
         return cls(body, head, hidden)
 
-    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False) -> tuple[Tensor, object]:
-        """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``)."""
-        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
-        return out.last_hidden_state, out.cache
+    def forward(
+        self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False, control: Optional[Tensor] = None
+    ) -> tuple[Tensor, object]:
+        """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``).
+
+        ``control`` [B]: each row's control code, read before its first token; pass it on every
+        call for one sequence (the code shifts the adapter's mask and positions by one).
+        """
+        if control is None:
+            out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+            return out.last_hidden_state, out.cache
+        embeds = self.body.get_input_embeddings()(ids)
+        mask = torch.cat([mask.new_ones(len(ids), 1), mask], dim=1)
+        positions = positions + 1
+        first_call = cache is None or cache.get_seq_length() == 0
+        if first_call:
+            embeds = torch.cat([self.controls(control)[:, None].to(embeds.dtype), embeds], dim=1)
+            positions = torch.cat([positions.new_zeros(len(ids), 1), positions], dim=1)
+        out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+        hidden = out.last_hidden_state[:, 1:] if first_call else out.last_hidden_state
+        return hidden, out.cache
 
 
 class ProjectedHead(nn.Module):

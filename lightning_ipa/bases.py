@@ -14,7 +14,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .types import Prompts
+from .types import Prompts, position_ids
 
 DType = Literal["float32", "bfloat16", "float16"]
 BaseDType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -126,7 +126,7 @@ class LocalBase(nn.Module):
         self.system_prompt = system_prompt
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, fast_inference_dtype() if dtype == "auto" else dtype).requires_grad_(False).eval()
-        self.forward_count = 0  # forwards since construction: one per generated token
+        self.forward_count = 0  # incremental forwards since construction: one per generated token
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,3 +162,14 @@ class LocalBase(nn.Module):
         # the head on a contiguous [B, H] slice: a strided 3-D input sends bfloat16 CPU matmuls down a slow path
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
         return logits.float().log_softmax(-1), out.cache
+
+    @torch.no_grad()
+    def response_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
+        """Log-probs [B, L - P, V] (float32) at each response position of whole sequences ``ids`` [B, L].
+
+        One pass over prompt and response without a cache: for responses not sampled now (e.g.
+        replayed from Quark's data pool), whose base log-probs were not kept.
+        """
+        hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        states = hidden[:, prompt_length - 1 : -1].contiguous()  # the states that predict each response token
+        return self.lm.get_output_embeddings()(states).float().log_softmax(-1)

@@ -1,10 +1,11 @@
-"""Callbacks: sample tables for TensorBoard and prediction files."""
+"""Callbacks: sample tables for TensorBoard, prediction files and a training clock."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,3 +80,43 @@ class PredictionWriter(BasePredictionWriter):
         path = self.path(trainer)
         write_jsonl(path, [row for batch in predictions for row in batch])
         print(f"Wrote {sum(len(batch) for batch in predictions)} predictions to {path}")
+
+
+class TrainingClock(Callback):
+    """Times training alone (validation excluded): logs ``time/train_seconds`` and ``time/rollouts`` at each validation.
+
+    With ``budget_seconds`` it ends ``fit`` at the first validation past the budget, so that runs
+    compare at equal training time (benchmarks/learning.py). The clock resumes with the run.
+    """
+
+    def __init__(self, budget_seconds: Optional[float] = None):
+        """
+        Args:
+            budget_seconds: Training seconds after which ``fit`` stops (None: never).
+        """
+        self.budget_seconds = budget_seconds
+        self.elapsed = 0.0
+        self.rollouts = 0
+        self._batch_start = 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.elapsed += time.perf_counter() - self._batch_start
+        self.rollouts += 1
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:  # logged at the step of the validation metrics
+            pl_module.log_dict({"time/train_seconds": self.elapsed, "time/rollouts": float(self.rollouts)})
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and self.budget_seconds is not None:  # any rank past the budget stops them all
+            over = trainer.strategy.reduce_boolean_decision(self.elapsed >= self.budget_seconds, all=False)
+            trainer.should_stop = trainer.should_stop or over
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed": self.elapsed, "rollouts": self.rollouts}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.elapsed, self.rollouts = state_dict["elapsed"], state_dict["rollouts"]

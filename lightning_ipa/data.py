@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 PromptBatch = dict[str, list]  # {"prompt": [B] texts, "meta": [B] dicts for the reward}
 
@@ -17,6 +19,28 @@ def collate_prompts(items: Sequence[dict[str, Any]]) -> PromptBatch:
 def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
     """Each prompt k times in a row (k samples per prompt stay consecutive)."""
     return {key: [value for value in values for _ in range(k)] for key, values in batch.items()}
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation each epoch, drawn from (seed, epoch) alone.
+
+    The order depends on nothing the model draws at random, so runs with one seed see the same
+    prompts whatever the algorithm. Lightning calls ``set_epoch`` (under DDP through its
+    distributed wrapper).
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class PromptDataModule(LightningDataModule):
@@ -41,10 +65,11 @@ class PromptDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(self.splits[split]), seed) if train else None,
             drop_last=train,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,

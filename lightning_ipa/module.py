@@ -58,7 +58,8 @@ class IPAModule(LightningModule):
             rollout_top_p: Nucleus mass of the training rollouts only (None: ``sampling.top_p``); e.g. 1.0
                 explores the whole tailored distribution, as Quark does, while evaluation keeps top-p.
             lr: Learning rate of the adapter's transformer layers.
-            head_lr: Learning rate of the adapter's output head and the algorithm's own parameters.
+            head_lr: Learning rate of what starts from scratch: the adapter's output head and control
+                codes, and the algorithm's own parameters (e.g. PPO's value head).
             weight_decay: AdamW weight decay.
             lr_scheduler: A torch scheduler over both learning rates, stepped once per rollout
                 (None: constant), e.g. ``class_path: torch.optim.lr_scheduler.CosineAnnealingLR``.
@@ -77,7 +78,7 @@ class IPAModule(LightningModule):
         self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
         self.reward = reward
         self.algorithm = algorithm or RLOO()
-        self.algorithm.setup(self.policy.adapter.hidden_size)
+        self.algorithm.setup(self.policy.adapter)
         self.lr_scheduler = lr_scheduler
         self.metrics = nn.ModuleDict(
             {f"{stage}_{policy}": self._evaluators() for stage in ("val", "test") for policy in POLICIES}
@@ -139,7 +140,7 @@ class IPAModule(LightningModule):
         n = len(rollout.response_ids)
         logs = {f"train/{name}": value.mean() for name, value in scores.items()}
         logs["train/kl"] = rollout.kl.sum(-1).mean()
-        logs["train/kl_coef"] = self.algorithm.kl_coef
+        logs.update({f"train/{name}": value.to(self.device) for name, value in self.algorithm.metrics().items()})
         logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
         logs["train/ended"] = self.ended(rollout).float().mean()
         logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
@@ -194,7 +195,7 @@ class IPAModule(LightningModule):
     # ---- optimisation and checkpoints ----
 
     def configure_optimizers(self) -> dict[str, Any]:
-        head = [p for p in self.policy.adapter.head.parameters() if p.requires_grad] + list(self.algorithm.parameters())
+        head = self.policy.adapter.fresh_parameters() + list(self.algorithm.parameters())
         head_ids = {id(p) for p in head}
         body = [p for p in self.policy.adapter.body.parameters() if p.requires_grad and id(p) not in head_ids]
         optimizer = torch.optim.AdamW(

@@ -131,6 +131,7 @@ class TailoredPolicy(nn.Module):
 
         With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
         k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
+        An adapter with control codes reads its sampling code (0) before each prompt.
         """
         s, k = self.sampling, samples_per_prompt
         top_p = s.top_p if top_p is None else top_p
@@ -138,11 +139,13 @@ class TailoredPolicy(nn.Module):
         base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions)
         base_lp = base_lp.repeat_interleave(k, dim=0)
         base_cache.batch_repeat_interleave(k)
-        adapter_cache = None
+        adapter_cache, control = None, None
         if use_adapter:
-            hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, use_cache=True)
+            control = self.adapter.sampling_control(len(prompts.ids), prompts.ids.device)
+            hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, use_cache=True, control=control)
             hidden = hidden[:, -1].repeat_interleave(k, dim=0)
             adapter_cache.batch_repeat_interleave(k)
+            control = None if control is None else control.repeat_interleave(k)
         prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
         mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
         batch = prompts.ids.shape[0]
@@ -164,20 +167,24 @@ class TailoredPolicy(nn.Module):
             next_position = next_position + 1
             base_lp, base_cache = self.base(token[:, None], mask, next_position[:, None], base_cache)
             if use_adapter:
-                hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True)
+                hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
         tokens, masks, token_lps, reference_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
-        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens)
+        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens, control)
 
     def evaluate(self, rollout: Rollout, with_kl: bool = False) -> PolicyEval:
         """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
 
         The output head and the combination run on real response tokens only, never on padding,
         a block of tokens at a time. ``with_kl`` adds the exact per-token KL(tailored ‖ base).
+        A rollout without the base's log-probs (replayed from a pool) has the base score it once here.
         """
         ids, mask = sequence(rollout)
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-        hidden, _ = self.adapter(ids, mask, position_ids(mask))
+        base_logprobs = rollout.base_logprobs
+        if base_logprobs is None:
+            base_logprobs = self.base.response_logprobs(ids, mask, prompt_len)
+        hidden, _ = self.adapter(ids, mask, position_ids(mask), control=rollout.control)
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = rollout.response_mask.bool()  # [B, T]
         rows, steps = real.nonzero(as_tuple=True)  # [N] each
@@ -185,7 +192,7 @@ class TailoredPolicy(nn.Module):
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            base_lp = rollout.base_logprobs[r, t]
+            base_lp = base_logprobs[r, t]
             logprobs = self.distribution(base_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
             finite, probs = logprobs.clamp(min=lowest), logprobs.exp()

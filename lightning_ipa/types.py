@@ -20,16 +20,21 @@ class Prompts(NamedTuple):
 
 
 class Rollout(NamedTuple):
-    """Samples of the tailored policy and everything training needs from the sampling pass."""
+    """Samples of the tailored policy and everything training needs from the sampling pass.
+
+    Responses replayed from a data pool (Quark) carry token ids, masks and control codes only:
+    the sampling-time fields are None and ``TailoredPolicy.evaluate`` runs the base itself.
+    """
 
     prompt_ids: Tensor  # [B, P] left-padded
     prompt_mask: Tensor  # [B, P]
     response_ids: Tensor  # [B, T] right-padded with the pad id
     response_mask: Tensor  # [B, T] 1 = generated token (the final EOS included)
-    logprobs: Tensor  # [B, T] tailored log-prob of each response token
-    reference_logprobs: Tensor  # [B, T] log-prob of each token under the base alone (same temperature)
-    base_logprobs: Tensor  # [B, T, V] base log-softmax at each response position
-    hidden: Tensor  # [B, T, H] adapter's last hidden state where each token was chosen
+    logprobs: Optional[Tensor]  # [B, T] tailored log-prob of each response token
+    reference_logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the base alone (same temperature)
+    base_logprobs: Optional[Tensor]  # [B, T, V] base log-softmax at each response position
+    hidden: Optional[Tensor]  # [B, T, H] adapter's last hidden state where each token was chosen
+    control: Optional[Tensor] = None  # [B] the adapter's control code (Adapter.add_controls); None without codes
 
     @property
     def kl(self) -> Tensor:  # [B, T] per-token log-ratio tailored/base (k1 estimator), 0 on padding
@@ -49,7 +54,7 @@ class Experience(NamedTuple):
     """A rollout plus what an algorithm derived from it for its loss."""
 
     rollout: Rollout
-    advantages: Tensor  # [B, T]
+    advantages: Optional[Tensor] = None  # [B, T] (policy-gradient algorithms)
     returns: Optional[Tensor] = None  # [B, T] value targets (critic algorithms only)
     values: Optional[Tensor] = None  # [B, T] values at sampling time (critic algorithms only)
 

@@ -1,19 +1,22 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lightning_ipa.algorithms import PPO, RLOO
+from lightning_ipa.algorithms import PPO, RLOO, Quark
+from lightning_ipa.algorithms.quark import DataPool
 from lightning_ipa.algorithms.functional import (
     adaptive_kl_coef,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
     leave_one_out_advantages,
+    reward_quantiles,
     token_rewards,
     whiten,
 )
-from lightning_ipa.types import PolicyEval, Rollout
+from lightning_ipa.types import Experience, PolicyEval, Rollout
 
 
 def test_token_rewards_put_the_score_on_the_last_real_token():
@@ -88,7 +91,7 @@ def fake_rollout(batch=8, length=5, vocab=11, hidden=6) -> Rollout:
 
 def test_ppo_prepare_and_loss_at_the_sampling_policy():
     ppo = PPO(kl_coef=0.5, kl_target=1.0, kl_horizon=100)
-    ppo.setup(hidden_size=6)
+    ppo.setup(SimpleNamespace(hidden_size=6))
     rollout = fake_rollout()
     experience = ppo.prepare(rollout, torch.linspace(0, 1, 8))
     mask = rollout.response_mask
@@ -123,9 +126,68 @@ def test_rloo_needs_two_samples():
 
 def test_minibatches_cover_each_epoch_once():
     ppo = PPO(epochs=2, minibatch_size=3)
-    ppo.setup(6)
+    ppo.setup(SimpleNamespace(hidden_size=6))
     experience = ppo.prepare(fake_rollout(batch=8), torch.zeros(8))
     batches = list(ppo.minibatches(experience))
     assert [len(b.advantages) for b in batches] == [3, 3, 2, 3, 3, 2]
     first_epoch = torch.cat([b.rollout.hidden[:, 0, 0] for b in batches[:3]])
     assert torch.allclose(first_epoch.sort().values, experience.rollout.hidden[:, 0, 0].sort().values)
+
+
+def test_reward_quantiles_against_hand_computed_values():
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.5])
+    # ranked: 0.9 (i1), 0.7 (i4), 0.5 (i2), 0.5 (i5: ties keep their order), 0.3 (i3), 0.1 (i0); quantile = rank·3 // 6
+    assert reward_quantiles(rewards, 3).tolist() == [2, 0, 1, 2, 0, 1]  # by index: ranks 5, 0, 2, 4, 1, 3
+    assert reward_quantiles(torch.arange(7.0), 5).tolist() == [4, 3, 2, 2, 1, 0, 0]  # ranks 6..0 → ·5 // 7
+
+
+def pool_rollout(prompt: list[list[int]], response: list[list[int]]) -> Rollout:
+    """A rollout of token ids only; 0 is padding (left in prompts, right in responses)."""
+    prompt_ids, response_ids = torch.tensor(prompt), torch.tensor(response)
+    return Rollout(prompt_ids, (prompt_ids > 0).long(), response_ids, (response_ids > 0).long(), None, None, None, None)
+
+
+def test_pool_keeps_the_newest_samples_and_aligns_their_padding():
+    pool = DataPool(capacity=4)
+    pool.add(pool_rollout([[0, 1], [2, 3], [0, 4]], [[5, 0, 0], [6, 7, 8], [9, 0, 0]]), torch.tensor([1.0, 2.0, 3.0]))
+    pool.add(pool_rollout([[11, 12, 13], [0, 0, 14]], [[15, 16], [17, 0]]), torch.tensor([4.0, 5.0]))
+    assert len(pool) == 4 and pool.rewards.tolist() == [2.0, 3.0, 4.0, 5.0]  # the oldest sample was evicted
+    assert pool.data["prompt_ids"].tolist() == [[0, 2, 3], [0, 0, 4], [11, 12, 13], [0, 0, 14]]  # left-padded to 3
+    assert pool.data["response_ids"].tolist() == [[6, 7, 8], [9, 0, 0], [15, 16, 0], [17, 0, 0]]  # right-padded to 3
+    assert torch.equal(pool.data["prompt_mask"], (pool.data["prompt_ids"] > 0).long())
+    replay = pool.rollout(torch.tensor([1, 3]), torch.tensor([4, 0]), torch.device("cpu"))
+    assert replay.prompt_ids.tolist() == [[4], [14]] and replay.response_ids.tolist() == [[9], [17]]  # all-padding columns dropped
+    assert replay.control.tolist() == [4, 0] and replay.logprobs is None and replay.base_logprobs is None
+    again = DataPool(capacity=4)
+    again.load_state_dict(pool.state_dict())
+    assert all(torch.equal(again.data[k], pool.data[k]) for k in pool.data) and torch.equal(again.rewards, pool.rewards)
+
+
+def test_quark_prepare_draws_from_the_pool_with_each_samples_quantile():
+    quark = Quark(quantiles=2, pool_size=6)
+    quark.pool.add(pool_rollout([[1]] * 4, [[2]] * 4), torch.tensor([0.0, 10.0, 20.0, 30.0]))
+    rollout = fake_rollout(batch=4)
+    experience = quark.prepare(rollout, torch.tensor([15.0, 25.0, 5.0, 35.0]))
+    assert len(quark.pool) == 6 and quark.pool.rewards.tolist() == [20.0, 30.0, 15.0, 25.0, 5.0, 35.0]
+    drawn = experience.rollout
+    assert drawn.response_ids.shape[0] == 4  # as many pool samples as the rollout had
+    expected = {20.0: 1, 30.0: 0, 15.0: 1, 25.0: 0, 5.0: 1, 35.0: 0}  # top half of the pool: quantile 0
+    pool_responses = quark.pool.data["response_ids"]
+    for row in range(4):
+        index = next(i for i in range(6) if torch.equal(pool_responses[i, : drawn.response_ids.shape[1]], drawn.response_ids[row]))
+        assert drawn.control[row] == expected[quark.pool.rewards[index].item()]
+    assert quark.metrics()["best_quantile_min_reward"] == 25.0
+
+
+def test_quark_loss_against_hand_computed_values():
+    quark = Quark(kl_coef=0.05, entropy_coef=0.06)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
+    entropy = torch.tensor([[2.0, 4.0, 9.0], [3.0, 9.0, 9.0]])
+    kl = torch.tensor([[0.3, 0.6, 9.0], [0.9, 9.0, 9.0]])
+    experience = Experience(pool_rollout([[1], [1]], [[1, 1, 0], [1, 0, 0]]))
+    out = quark.loss(PolicyEval(logprobs, entropy, torch.zeros(2, 3, 6), kl), experience)
+    # over the 3 real tokens: NLL 6/3 = 2, KL 1.8/3 = 0.6, entropy 9/3 = 3
+    assert torch.isclose(out.loss, torch.tensor(2.0 + 0.05 * 0.6 - 0.06 * 3.0))
+    assert {k: round(v.item(), 6) for k, v in out.stats.items()} == {"nll": 2.0, "kl": 0.6, "entropy": 3.0}
+    assert quark.needs_exact_kl

@@ -115,11 +115,33 @@ def test_help_shows_documented_knobs():
     assert DEFAULT_CONFIG.is_file()
 
 
+def with_algorithm(name: str) -> list[str]:
+    """conf/quickstart.yaml with conf/algorithms/<name>.yaml on top, as the README shows."""
+    return ["--config", str(DEFAULT_CONFIG), "--config", str(ROOT / "conf" / "algorithms" / f"{name}.yaml")]
+
+
 def test_ppo_runs_the_quickstart_config(tiny_llama, tmp_path):
-    ppo = ["--model.algorithm=lightning_ipa.algorithms.PPO", "--model.algorithm.init_args.epochs=2", "--model.algorithm.init_args.minibatch_size=1"]
-    cli = main(["fit", *tiny_args(tiny_llama, tmp_path, 4, *ppo)])
-    assert cli.trainer.global_step == 4  # optimizer steps: 2 epochs × 2 minibatches of 1 prompt
-    assert "value" in " ".join(scalars(tmp_path / "quickstart" / "version_0"))
+    updates = ["--model.algorithm.init_args.epochs=2", "--model.algorithm.init_args.minibatch_size=4"]
+    cli = main(["fit", *with_algorithm("ppo"), *tiny_args(tiny_llama, tmp_path, 4, *updates)])
+    assert type(cli.model.algorithm).__name__ == "PPO"
+    assert cli.trainer.global_step == 4  # optimizer steps: 2 epochs × 2 minibatches of 4 samples (2 prompts × 4)
+    assert "loss/value" in scalars(tmp_path / "quickstart" / "version_0")
+
+
+def test_quark_runs_the_quickstart_config_and_resumes_its_pool(tiny_llama, tmp_path):
+    settings = ["--model.algorithm.init_args.pool_size=20", "--model.algorithm.init_args.kl_target=0.5", "--model.algorithm.init_args.kl_horizon=20"]
+    first = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings)])
+    saved = first.model.algorithm
+    assert len(saved.pool) == 16 and saved.kl_coef != 0.05  # 2 rollouts of 2 prompts × 4 samples; the KL coefficient adapted
+    # a resume at the same max_steps only restores the state; then training goes on from it
+    restored = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"]).model.algorithm
+    assert restored is not saved and restored.kl_coef == saved.kl_coef
+    assert all(torch.equal(saved.pool.data[k], restored.pool.data[k]) for k in saved.pool.data)
+    assert torch.equal(saved.pool.rewards, restored.pool.rewards)
+    main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 4, *settings), "--ckpt_path", "last"])
+    logged = scalars(tmp_path / "quickstart" / "version_0")
+    assert logged["train/pool_size"] == [8.0, 16.0, 20.0, 20.0]  # bounded at pool_size, across the resume
+    assert {"loss/nll", "loss/kl", "loss/entropy", "train/best_quantile_min_reward"} <= set(logged)
 
 
 def test_ddp_two_processes_on_cpu(tiny_llama, tmp_path):

@@ -213,3 +213,34 @@ def test_the_base_is_frozen(policy_factory):
 def test_position_ids_start_at_each_rows_first_token():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert position_ids(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_factory):
+    policy = policy_factory(head="zeros", top_p=0.9, max_new_tokens=8, min_new_tokens=3)
+    nn.init.normal_(policy.adapter.head.weight, std=5.0, generator=torch.Generator().manual_seed(0))
+    vocabulary = len(policy.base.tokenizer)
+    policy.adapter.add_controls(3)
+    assert len(policy.base.tokenizer) == vocabulary  # codes are embeddings, not tokens: nothing to sample
+    assert policy.adapter.head(torch.zeros(policy.adapter.hidden_size)).shape[-1] == policy.base.vocab_size
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(3))
+    assert rollout.control.tolist() == [0, 0, 0]  # rollouts and inference sample with code 0
+    assert (rollout.response_ids < policy.base.vocab_size).all()
+    # the base's log-probs are those of prompt + response alone: it never saw the code
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
+    base_alone = policy.base.response_logprobs(ids, mask, rollout.prompt_ids.shape[1])
+    real = rollout.response_mask.bool()
+    assert torch.allclose(rollout.base_logprobs[real], base_alone[real], atol=1e-4)
+    # the adapter's cached sampling pass and its full-sequence pass agree with the code; another code differs
+    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-4)
+    other = policy.evaluate(rollout._replace(control=torch.tensor([2, 2, 2]))).logprobs
+    assert (other - rollout.logprobs)[real].abs().max() > 1e-3
+
+
+def test_a_replayed_rollout_is_scored_by_the_base_in_evaluate(policy_factory):
+    policy = policy_factory(head="zeros", max_new_tokens=8)
+    nn.init.normal_(policy.adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(4))
+    replayed = rollout._replace(logprobs=None, reference_logprobs=None, base_logprobs=None, hidden=None)
+    fresh, replay = policy.evaluate(rollout, with_kl=True), policy.evaluate(replayed, with_kl=True)
+    assert torch.allclose(replay.logprobs, fresh.logprobs, atol=1e-4) and torch.allclose(replay.kl, fresh.kl, atol=1e-4)

@@ -2,6 +2,7 @@
 
 from .base import Algorithm
 from .ppo import PPO
+from .quark import Quark
 from .rloo import RLOO
 
-__all__ = ["Algorithm", "PPO", "RLOO"]
+__all__ = ["Algorithm", "PPO", "Quark", "RLOO"]

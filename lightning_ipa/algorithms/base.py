@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ..adapters import Adapter
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean, select
 from .functional import adaptive_kl_coef
 
@@ -15,8 +16,8 @@ from .functional import adaptive_kl_coef
 class Algorithm(nn.Module, ABC):
     """An RL algorithm: turns a scored rollout into experience, and experience into a loss.
 
-    Its parameters (e.g. a value head) and buffers (e.g. the KL coefficient) are trained and
-    checkpointed with the adapter.
+    Its parameters (e.g. a value head), buffers (e.g. the KL coefficient) and extra state (e.g.
+    a data pool) are trained and checkpointed with the adapter.
     """
 
     samples_per_prompt: int = 1
@@ -37,8 +38,8 @@ class Algorithm(nn.Module, ABC):
         """Whether ``loss`` reads ``PolicyEval.kl`` (the exact per-token KL to the base)."""
         return self.kl_loss_coef > 0
 
-    def setup(self, hidden_size: int) -> None:
-        """Build what depends on the adapter (e.g. a value head over its hidden states)."""
+    def setup(self, adapter: Adapter) -> None:
+        """Build what depends on the adapter (a value head over its hidden states, control codes)."""
 
     @abstractmethod
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
@@ -53,14 +54,19 @@ class Algorithm(nn.Module, ABC):
         if self.needs_exact_kl:
             stats["kl"] = masked_mean(evaluation.kl, mask)
             loss = loss + self.kl_loss_coef * stats["kl"]
-        return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
+        return LossOutput(loss, detached(stats))
+
+    def metrics(self) -> dict[str, Tensor]:
+        """The algorithm's state worth watching, logged as ``train/<name>`` after each RL step."""
+        return {"kl_coef": self.kl_coef}
 
     def minibatches(self, experience: Experience) -> Iterator[Experience]:
         """``epochs`` shuffled passes over the experience, in minibatches."""
-        size = experience.advantages.shape[0]
+        ids = experience.rollout.response_ids
+        size = ids.shape[0]
         step = self.minibatch_size or size
         for _ in range(self.epochs):
-            order = torch.randperm(size, device=experience.advantages.device)
+            order = torch.randperm(size, device=ids.device)
             for start in range(0, size, step):
                 yield select(experience, order[start : start + step])
 
@@ -69,3 +75,8 @@ class Algorithm(nn.Module, ABC):
         """Adapt the KL coefficient towards ``kl_target`` (fixed when it is None)."""
         if self.kl_target is not None:
             self.kl_coef.copy_(adaptive_kl_coef(self.kl_coef, kl, self.kl_target, self.kl_horizon, n_samples))
+
+
+def detached(stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss terms as scalars to log, cut from the graph."""
+    return {k: v.detach() for k, v in stats.items()}

@@ -77,3 +77,10 @@ def adaptive_kl_coef(coef: Tensor, kl: Tensor, target: float, horizon: int, n_sa
     """Ziegler et al.'s proportional controller: nudge the coefficient towards KL = target."""
     error = (kl / target - 1).clamp(-0.2, 0.2)
     return coef * (1 + error * n_samples / horizon)
+
+
+def reward_quantiles(rewards: Tensor, n: int) -> Tensor:
+    """Quark's quantile of each reward [N]: 0 for the best N/n, …, n−1 for the worst (ties by order)."""
+    rank = torch.empty_like(rewards, dtype=torch.long)
+    rank[rewards.argsort(descending=True, stable=True)] = torch.arange(len(rewards), device=rewards.device)
+    return rank * n // len(rewards)

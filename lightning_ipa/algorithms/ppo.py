@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ..adapters import Adapter
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean
 from .base import Algorithm
 from .functional import clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
@@ -16,6 +17,7 @@ class PPO(Algorithm):
 
     def __init__(
         self,
+        samples_per_prompt: int = 1,
         epochs: int = 4,
         minibatch_size: Optional[int] = None,
         clip_range: float = 0.2,
@@ -31,6 +33,7 @@ class PPO(Algorithm):
     ):
         """
         Args:
+            samples_per_prompt: Responses sampled per prompt (each prompt is read once).
             epochs: Passes over each rollout.
             minibatch_size: Samples per update (None: the whole rollout).
             clip_range: ε of the clipped probability ratio.
@@ -46,6 +49,7 @@ class PPO(Algorithm):
                 full distributions at each position (no sampling noise, unlike the sampled KL in the rewards).
         """
         super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
+        self.samples_per_prompt = samples_per_prompt
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.value_coef = value_coef
@@ -54,8 +58,8 @@ class PPO(Algorithm):
         self.lam = lam
         self.value_head: Optional[nn.Linear] = None
 
-    def setup(self, hidden_size: int) -> None:
-        self.value_head = nn.Linear(hidden_size, 1)
+    def setup(self, adapter: Adapter) -> None:
+        self.value_head = nn.Linear(adapter.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
