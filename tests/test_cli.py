@@ -97,6 +97,14 @@ def test_lr_scheduler_anneals_both_learning_rates_and_resumes(tiny_llama, tmp_pa
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
 
 
+def test_training_clock_logs_training_time_and_stops_past_its_budget(tiny_llama, tmp_path):
+    clock = ["--trainer.callbacks+=lightning_ipa.callbacks.TrainingClock", "--trainer.callbacks.budget_seconds=0"]
+    cli = main(["fit", *tiny_args(tiny_llama, tmp_path, 10, *clock)])
+    assert cli.trainer.global_step == 2  # stopped at the first validation (after 2 rollouts), not at max_steps
+    logged = scalars(tmp_path / "quickstart" / "version_0")
+    assert logged["time/rollouts"] == [2.0] and logged["time/train_seconds"][0] > 0
+
+
 def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
     with pytest.raises(SystemExit, match="run `fit` first"):
         main(["fit", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", "last"])
