@@ -106,8 +106,9 @@ class IPAModule(LightningModule):
         batch = repeat_prompts(batch, k)
         # 2. Score the decoded responses.
         scores = self.score(batch, self.decode(rollout))
-        # 3. Turn rewards into advantages (and value targets).
+        # 3. Turn rewards into experience: advantages (and value targets), or a batch replayed from a pool.
         experience = self.algorithm.prepare(rollout, self.shaped_reward(rollout, scores["reward"]))
+        experience = experience._replace(rollout=self.policy.with_base_logprobs(experience.rollout))
         # 4. Epochs × minibatches of adapter updates; the base's log-probs come from the rollout.
         losses = []
         for minibatch in self.algorithm.minibatches(experience):

@@ -172,18 +172,25 @@ class TailoredPolicy(nn.Module):
         tokens, masks, token_lps, reference_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
         return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens, control)
 
+    def with_base_logprobs(self, rollout: Rollout) -> Rollout:
+        """The rollout with the base's log-probs, which responses replayed from a pool lack.
+
+        The base reads each replayed prompt + response once (one pass, no generation); a rollout
+        sampled now is returned as it is.
+        """
+        if rollout.base_logprobs is not None:
+            return rollout
+        ids, mask = sequence(rollout)
+        return rollout._replace(base_logprobs=self.base.response_logprobs(ids, mask, rollout.prompt_ids.shape[1]))
+
     def evaluate(self, rollout: Rollout, with_kl: bool = False) -> PolicyEval:
         """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
 
         The output head and the combination run on real response tokens only, never on padding,
         a block of tokens at a time. ``with_kl`` adds the exact per-token KL(tailored ‖ base).
-        A rollout without the base's log-probs (replayed from a pool) has the base score it once here.
         """
         ids, mask = sequence(rollout)
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-        base_logprobs = rollout.base_logprobs
-        if base_logprobs is None:
-            base_logprobs = self.base.response_logprobs(ids, mask, prompt_len)
         hidden, _ = self.adapter(ids, mask, position_ids(mask), control=rollout.control)
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = rollout.response_mask.bool()  # [B, T]
@@ -192,7 +199,7 @@ class TailoredPolicy(nn.Module):
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            base_lp = base_logprobs[r, t]
+            base_lp = rollout.base_logprobs[r, t]
             logprobs = self.distribution(base_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
             finite, probs = logprobs.clamp(min=lowest), logprobs.exp()

@@ -23,7 +23,7 @@ class Rollout(NamedTuple):
     """Samples of the tailored policy and everything training needs from the sampling pass.
 
     Responses replayed from a data pool (Quark) carry token ids, masks and control codes only:
-    the sampling-time fields are None and ``TailoredPolicy.evaluate`` runs the base itself.
+    the sampling-time fields are None until ``TailoredPolicy.with_base_logprobs`` has the base read them.
     """
 
     prompt_ids: Tensor  # [B, P] left-padded

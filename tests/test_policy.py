@@ -237,10 +237,13 @@ def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_fac
     assert (other - rollout.logprobs)[real].abs().max() > 1e-3
 
 
-def test_a_replayed_rollout_is_scored_by_the_base_in_evaluate(policy_factory):
+def test_a_replayed_rollout_gets_the_bases_log_probs_in_one_pass(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=8)
     nn.init.normal_(policy.adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(4))
-    replayed = rollout._replace(logprobs=None, reference_logprobs=None, base_logprobs=None, hidden=None)
+    assert policy.with_base_logprobs(rollout) is rollout  # sampled now: nothing to compute
+    replayed = policy.with_base_logprobs(rollout._replace(logprobs=None, reference_logprobs=None, base_logprobs=None, hidden=None))
+    real = rollout.response_mask.bool()
+    assert torch.allclose(replayed.base_logprobs[real], rollout.base_logprobs[real], atol=1e-4)
     fresh, replay = policy.evaluate(rollout, with_kl=True), policy.evaluate(replayed, with_kl=True)
     assert torch.allclose(replay.logprobs, fresh.logprobs, atol=1e-4) and torch.allclose(replay.kl, fresh.kl, atol=1e-4)

@@ -75,7 +75,7 @@ class Quark(Algorithm):
     ranked by reward into ``quantiles`` equal parts, each with a control code only the adapter
     reads. The loss, on responses drawn from the pool, is their NLL under the tailored policy
     given their quantile's code, plus ``kl_coef``·KL(tailored ‖ base) (exact, per token) minus
-    ``entropy_coef``·entropy. The base scores replayed responses once per pass, in inference mode.
+    ``entropy_coef``·entropy. The base reads each replayed response once per rollout (``TailoredPolicy.with_base_logprobs``).
     """
 
     def __init__(
