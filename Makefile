@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test benchmark tensorboard clean
+.PHONY: quickstart test benchmark benchmark-learning tensorboard clean
 
 $(BIN)/.installed: pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(BIN)/.installed  ## the test suite (tiny in-process models; `slow` tests
 
 benchmark: $(BIN)/.installed  ## tailored sampling vs HF generate of the base alone
 	$(BIN)/python benchmarks/decode.py
+
+benchmark-learning: $(BIN)/.installed  ## PPO, Quark and RLOO on the quickstart at equal training time (~40 min)
+	$(BIN)/python benchmarks/learning.py
 
 tensorboard: $(BIN)/.installed
 	$(BIN)/tensorboard --logdir runs

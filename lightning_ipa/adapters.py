@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
 
+ControlMode = Literal["prefix", "every_token"]
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -44,17 +46,21 @@ class Adapter(nn.Module):
         self.head = head  # hidden states [..., H] → logits [..., V]
         self.hidden_size = hidden_size
         self.controls: Optional[nn.Embedding] = None
+        self.control_mode: ControlMode = "prefix"
 
-    def add_controls(self, n: int) -> None:
+    def add_controls(self, n: int, mode: ControlMode = "prefix") -> None:
         """Give the adapter ``n`` trainable control codes (Quark's reward quantiles).
 
-        A code is an input embedding read before the prompt, by the adapter only: it is not a token
-        of the vocabulary, so the base never sees it and it can never be sampled. The policy samples
-        with code 0 (rollouts and inference alike); the others appear in training data only.
+        A code is an embedding only the adapter reads: ``mode`` 'prefix' reads it as one more input
+        position before the prompt (Quark's control token), 'every_token' adds it to the input
+        embedding of every token. It is not a token of the vocabulary, so the base never sees it and
+        it can never be sampled. The policy samples with code 0 (rollouts and inference alike); the
+        others appear in training data only.
         """
         embeddings = self.body.get_input_embeddings().weight
         self.controls = nn.Embedding(n, self.hidden_size, dtype=embeddings.dtype, device=embeddings.device)
         nn.init.normal_(self.controls.weight, std=embeddings.detach().float().std().item())
+        self.control_mode = mode
 
     def sampling_control(self, batch: int, device: torch.device) -> Optional[Tensor]:
         """The code the policy samples with, for each of ``batch`` rows [B] (None without codes)."""
@@ -95,13 +101,17 @@ class Adapter(nn.Module):
     ) -> tuple[Tensor, object]:
         """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``).
 
-        ``control`` [B]: each row's control code, read before its first token; pass it on every
-        call for one sequence (the code shifts the adapter's mask and positions by one).
+        ``control`` [B]: each row's control code (see ``add_controls``); pass it on every call for one
+        sequence (as a prefix, the code shifts the adapter's mask and positions by one).
         """
         if control is None:
             out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
             return out.last_hidden_state, out.cache
         embeds = self.body.get_input_embeddings()(ids)
+        if self.control_mode == "every_token":
+            embeds = embeds + self.controls(control)[:, None].to(embeds.dtype)
+            out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+            return out.last_hidden_state, out.cache
         mask = torch.cat([mask.new_ones(len(ids), 1), mask], dim=1)
         positions = positions + 1
         first_call = cache is None or cache.get_seq_length() == 0

@@ -215,11 +215,12 @@ def test_position_ids_start_at_each_rows_first_token():
     assert position_ids(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
-def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_factory):
+@pytest.mark.parametrize("mode", ["prefix", "every_token"])
+def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_factory, mode):
     policy = policy_factory(head="zeros", top_p=0.9, max_new_tokens=8, min_new_tokens=3)
     nn.init.normal_(policy.adapter.head.weight, std=5.0, generator=torch.Generator().manual_seed(0))
     vocabulary = len(policy.base.tokenizer)
-    policy.adapter.add_controls(3)
+    policy.adapter.add_controls(3, mode)
     assert len(policy.base.tokenizer) == vocabulary  # codes are embeddings, not tokens: nothing to sample
     assert policy.adapter.head(torch.zeros(policy.adapter.hidden_size)).shape[-1] == policy.base.vocab_size
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(3))

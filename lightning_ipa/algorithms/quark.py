@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters import Adapter
+from ..adapters import Adapter, ControlMode
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean
 from .base import Algorithm, detached
 from .functional import reward_quantiles
@@ -89,6 +89,7 @@ class Quark(Algorithm):
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
         entropy_coef: float = 0.06,
+        control: ControlMode = "prefix",
     ):
         """
         Args:
@@ -102,6 +103,8 @@ class Quark(Algorithm):
             kl_target: Target KL per sequence of the rollouts for the adaptive coefficient (None: fixed).
             kl_horizon: Horizon (samples) of the adaptive KL controller.
             entropy_coef: Weight of the entropy bonus (Quark: 0.06).
+            control: How the adapter reads a quantile's code: 'prefix', one input position before the
+                prompt (Quark's control token), or 'every_token', added to every input embedding.
         """
         if quantiles < 1 or pool_size < 1:
             raise ValueError(f"Quark needs quantiles >= 1 and pool_size >= 1, got {quantiles} and {pool_size}")
@@ -109,6 +112,7 @@ class Quark(Algorithm):
         self.quantiles = quantiles
         self.samples_per_prompt = samples_per_prompt
         self.entropy_coef = entropy_coef
+        self.control = control
         self.pool = DataPool(pool_size)
 
     @property
@@ -116,7 +120,7 @@ class Quark(Algorithm):
         return True
 
     def setup(self, adapter: Adapter) -> None:
-        adapter.add_controls(self.quantiles)
+        adapter.add_controls(self.quantiles, self.control)
 
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
         self.pool.add(rollout, scores)
