@@ -131,7 +131,7 @@ class TailoredPolicy(nn.Module):
 
         With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
         k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
-        An adapter with control codes reads its sampling code (0) before each prompt.
+        An adapter with control codes samples with code 0 (see ``Adapter.add_controls``).
         """
         s, k = self.sampling, samples_per_prompt
         top_p = s.top_p if top_p is None else top_p
