@@ -22,21 +22,19 @@ def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
 
 
 class EpochShuffle(Sampler[int]):
-    """A fresh permutation each epoch, drawn from (seed, epoch) alone.
+    """A fresh permutation for each pass, drawn from (seed, pass number) alone.
 
     The order depends on nothing the model draws at random, so runs with one seed see the same
-    prompts whatever the algorithm. Lightning calls ``set_epoch`` (under DDP through its
-    distributed wrapper).
+    prompts whatever the algorithm; the pass number is checkpointed with the data module, so a
+    resumed run continues with the next pass rather than replaying the first.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, passes: int = 0):
+        self.size, self.seed, self.passes = size, seed, passes
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.passes)
+        self.passes += 1
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -61,18 +59,23 @@ class PromptDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.train_order: Optional[EpochShuffle] = None
+        self._train_passes = 0  # restored from a checkpoint before the train loader is built
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
+        if train:
+            self.train_order = EpochShuffle(len(self.splits[split]), seed, self._train_passes)
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(len(self.splits[split]), seed) if train else None,
+            sampler=self.train_order if train else None,
             drop_last=train,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),  # each new iterator draws a seed: never from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -89,3 +92,9 @@ class PromptDataModule(LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, int]:
+        return {"train_passes": self.train_order.passes if self.train_order is not None else self._train_passes}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._train_passes = state_dict.get("train_passes", 0)

@@ -73,7 +73,8 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
 
 
 def test_resume_from_last_continues_the_same_run(tiny_llama, tmp_path):
-    adaptive = ["--model.algorithm.init_args.kl_target=0.5", "--model.algorithm.init_args.kl_horizon=20"]
+    # temperature 4: the peaked tiny model then writes varied responses, so rewards, advantages and updates are not 0
+    adaptive = ["--model.sampling.temperature=4.0", "--model.algorithm.init_args.kl_target=0.5", "--model.algorithm.init_args.kl_horizon=20"]
     straight = main(["fit", *tiny_args(tiny_llama, tmp_path / "a", 4, *adaptive)])
     main(["fit", *tiny_args(tiny_llama, tmp_path / "b", 2, *adaptive)])
     resumed = main(["fit", *tiny_args(tiny_llama, tmp_path / "b", 4, *adaptive), "--ckpt_path", "last"])
@@ -81,6 +82,7 @@ def test_resume_from_last_continues_the_same_run(tiny_llama, tmp_path):
     assert resumed.trainer.logger.version == 0  # the same TensorBoard run continues
     assert straight.model.algorithm.kl_coef != 0.05
     assert torch.equal(straight.model.algorithm.kl_coef, resumed.model.algorithm.kl_coef)
+    assert straight.model.policy.adapter.head.projection.weight.abs().sum() > 0  # trained: the head started at 0
     for (name, a), b in zip(straight.model.policy.adapter.named_parameters(), resumed.model.policy.adapter.parameters()):
         assert torch.equal(a, b), name
 
