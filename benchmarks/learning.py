@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_ipa.callbacks import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("ppo", "quark", "rloo")  # rloo: conf/quickstart.yaml as it is
 METRICS = ("reward", "coverage", "distinct_2", "corpus_distinct_2")
@@ -57,8 +59,9 @@ def run(algorithm: str, seed: int, args: argparse.Namespace, threads: int) -> fl
         code = subprocess.run(fit_command(algorithm, seed, args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"{algorithm} seed {seed} failed (exit {code}); see {log}")
-    print(f"  done: {algorithm} seed {seed} in {time.perf_counter() - start:.0f} s", flush=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    print(f"  done: {algorithm} seed {seed} in {wall:.0f} s", flush=True)
+    return wall
 
 
 def curve(run_dir: Path) -> dict:
@@ -67,13 +70,11 @@ def curve(run_dir: Path) -> dict:
     events.Reload()
     seconds = {e.step: e.value for e in events.Scalars("time/train_seconds")}
     rollouts = {e.step: int(e.value) for e in events.Scalars("time/rollouts")}
+    series = {f"{metric}/{policy}": events.Scalars(f"val/{metric}/{policy}") for metric in METRICS for policy in ("tailored", "base")}
     points = []
-    for i, event in enumerate(events.Scalars("val/reward/tailored")):
+    for i, event in enumerate(series["reward/tailored"]):
         point = {"train_seconds": seconds[event.step], "rollouts": rollouts[event.step]}
-        for metric in METRICS:
-            for policy in ("tailored", "base"):
-                point[f"{metric}/{policy}"] = events.Scalars(f"val/{metric}/{policy}")[i].value
-        points.append(point)
+        points.append({**point, **{key: values[i].value for key, values in series.items()}})
     return {"points": points}
 
 
@@ -109,12 +110,6 @@ def report(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
@@ -140,8 +135,8 @@ def main() -> None:
         results[name] = {**curve(args.out / name / "version_0"), "wall_seconds": walls[(algorithm, seed)]}
     text = report(results, args)
     print(text)
-    write_atomic(args.out / "results.md", text + "\n")
-    write_atomic(args.out / "results.json", json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, indent=1))
+    write_text_atomic(args.out / "results.md", text + "\n")
+    write_text_atomic(args.out / "results.json", json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -47,18 +47,22 @@ class SampleTable(Callback):
                 logger.experiment.add_text(self.tag, markdown_table(pl_module.samples), trainer.global_step)
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines atomically: a reader never sees a half-written file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines, atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class PredictionWriter(BasePredictionWriter):

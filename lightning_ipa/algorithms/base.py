@@ -20,12 +20,18 @@ class Algorithm(nn.Module, ABC):
     a data pool) are trained and checkpointed with the adapter.
     """
 
-    samples_per_prompt: int = 1
-
     def __init__(
-        self, epochs: int, minibatch_size: Optional[int], kl_coef: float, kl_target: Optional[float], kl_horizon: int, kl_loss_coef: float
+        self,
+        samples_per_prompt: int,
+        epochs: int,
+        minibatch_size: Optional[int],
+        kl_coef: float,
+        kl_target: Optional[float],
+        kl_horizon: int,
+        kl_loss_coef: float,
     ):
         super().__init__()
+        self.samples_per_prompt = samples_per_prompt
         self.epochs = epochs
         self.minibatch_size = minibatch_size
         self.kl_target = kl_target

@@ -48,8 +48,7 @@ class PPO(Algorithm):
             kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
                 full distributions at each position (no sampling noise, unlike the sampled KL in the rewards).
         """
-        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
-        self.samples_per_prompt = samples_per_prompt
+        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.value_coef = value_coef

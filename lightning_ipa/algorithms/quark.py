@@ -108,9 +108,8 @@ class Quark(Algorithm):
         """
         if quantiles < 1 or pool_size < 1:
             raise ValueError(f"Quark needs quantiles >= 1 and pool_size >= 1, got {quantiles} and {pool_size}")
-        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef=0.0)
+        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef=0.0)
         self.quantiles = quantiles
-        self.samples_per_prompt = samples_per_prompt
         self.entropy_coef = entropy_coef
         self.control = control
         self.pool = DataPool(pool_size)

@@ -46,8 +46,7 @@ class RLOO(Algorithm):
         """
         if samples_per_prompt < 2:
             raise ValueError(f"RLOO needs samples_per_prompt >= 2 for a leave-one-out baseline, got {samples_per_prompt}")
-        super().__init__(epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
-        self.samples_per_prompt = samples_per_prompt
+        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
         self.clip_range = clip_range
         self.entropy_coef = entropy_coef
 
