@@ -1,4 +1,4 @@
-"""Callbacks: sample tables for TensorBoard, prediction files and a training clock."""
+"""Callbacks: sample tables for TensorBoard, prediction and test-result files, and a training clock."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -84,6 +85,37 @@ class PredictionWriter(BasePredictionWriter):
         path = self.path(trainer)
         write_jsonl(path, [row for batch in predictions for row in batch])
         print(f"Wrote {sum(len(batch) for batch in predictions)} predictions to {path}")
+
+
+class TestResults(Callback):
+    """After ``test``: the results table (base vs tailored) as JSON and Markdown, and every generation as JSONL.
+
+    Written atomically into the run's log directory, beside the TensorBoard events:
+    ``results.json``, ``results.md`` and ``generations.jsonl`` (one row per prompt: its k samples per
+    policy with their scores; one file per rank under DDP).
+    """
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        name = "generations.jsonl" if trainer.world_size == 1 else f"generations.rank{trainer.global_rank}.jsonl"
+        write_jsonl(folder / name, pl_module.generations)
+        prompts = int(trainer.strategy.reduce(torch.tensor(float(len(pl_module.generations)), device=pl_module.device), reduce_op="sum").item())
+        if not trainer.is_global_zero:
+            return
+        table: dict[str, dict[str, float]] = {}
+        for key, value in trainer.callback_metrics.items():
+            stage, _, rest = key.partition("/")
+            metric, _, policy = rest.rpartition("/")
+            if stage == "test" and metric:
+                table.setdefault(metric, {})[policy] = float(value)
+        results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
+                   "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table}
+        write_text_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
+        rows = [{"metric": metric, "base": values.get("base", float("nan")), "tailored": values.get("tailored", float("nan"))}
+                for metric, values in table.items()]
+        heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {trainer.ckpt_path}\n\n"
+        write_text_atomic(folder / "results.md", heading + markdown_table(rows) + "\n")
+        print(f"Wrote results.json, results.md and {name} to {folder}")
 
 
 class TrainingClock(Callback):

@@ -1,11 +1,13 @@
-"""torchmetrics Metrics shared by tasks."""
+"""torchmetrics Metrics shared by tasks, updated with the ``Samples`` of an evaluation batch."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -29,49 +31,124 @@ def distinct_ratio(text: str, n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-class TextMetric(Metric):
-    """A metric updated with the generated texts themselves (rather than with scores)."""
+class Samples(NamedTuple):
+    """What one evaluation batch produced: k samples per prompt, with their per-sample scores."""
+
+    prompts: list[str]  # [P]
+    responses: list[str]  # [P·k] the k samples of each prompt in a row
+    scores: dict[str, Tensor]  # name → [P·k] (the reward and its parts, and the evaluation's own scores)
+    samples_per_prompt: int  # k
+
+    def per_prompt(self, name: str) -> Tensor:
+        """Score ``name`` as [P, k]."""
+        return self.scores[name].reshape(len(self.prompts), self.samples_per_prompt)
+
+    def groups(self) -> list[list[str]]:
+        """The responses of each prompt [P][k]."""
+        k = self.samples_per_prompt
+        return [self.responses[i : i + k] for i in range(0, len(self.responses), k)]
+
+    def by_prompt(self) -> list[dict[str, list]]:
+        """[P] rows ``{"responses": [k texts], <score>: [k floats], ...}``, e.g. for a generations file."""
+        scores = {name: self.per_prompt(name).tolist() for name in self.scores}
+        return [{"responses": group, **{name: values[i] for name, values in scores.items()}} for i, group in enumerate(self.groups())]
+
+
+class SampleMetric(Metric):
+    """A metric updated with an evaluation batch's ``Samples``; states sum or concatenate under DDP."""
 
     full_state_update = False
-    higher_is_better = True
     is_differentiable = False
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-class DistinctN(TextMetric):
-    """distinct-n: per generation, distinct n-grams over n-grams (1 = no repetition), averaged."""
+    def accumulate(self, values: Tensor) -> None:
+        self.total += values.double().sum().to(self.total.device)
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class MeanScore(SampleMetric):
+    """Mean of a per-sample score; with ``drop_at_or_above``, samples scoring that much or more (or NaN) are left out."""
+
+    def __init__(self, score: str, drop_at_or_above: Optional[float] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.score, self.drop_at_or_above = score, drop_at_or_above
+
+    def update(self, samples: Samples) -> None:
+        values = samples.scores[self.score]
+        if self.drop_at_or_above is not None:
+            values = values[values < self.drop_at_or_above]  # NaN compares False: dropped too
+        self.accumulate(values)
+
+
+class MeanOfMax(SampleMetric):
+    """Mean over prompts of the highest score among each prompt's samples (e.g. average max toxicity)."""
+
+    def __init__(self, score: str, **kwargs):
+        super().__init__(**kwargs)
+        self.score = score
+
+    def update(self, samples: Samples) -> None:
+        self.accumulate(samples.per_prompt(self.score).amax(-1))
+
+
+class ShareOfPromptsAbove(SampleMetric):
+    """Share of prompts with at least one sample scoring above ``threshold`` (e.g. toxicity probability)."""
+
+    def __init__(self, score: str, threshold: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.score, self.threshold = score, threshold
+
+    def update(self, samples: Samples) -> None:
+        self.accumulate((samples.per_prompt(self.score) > self.threshold).any(-1).float())
+
+
+class DistinctN(SampleMetric):
+    """distinct-n per prompt: distinct n-grams over n-grams of its k samples together, averaged over prompts.
+
+    With one sample per prompt this is per-generation repetition (1 = none); with k it is also
+    the diversity among a prompt's samples, as reported for toxicity (DExperts, Quark).
+    """
 
     def __init__(self, n: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.n = n
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, texts: list[str]) -> None:
-        self.total += sum(distinct_ratio(t, self.n) for t in texts)
-        self.count += len(texts)
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+    def update(self, samples: Samples) -> None:
+        ratios = []
+        for group in samples.groups():
+            grams = [gram for text in group for gram in ngrams(text, self.n)]
+            ratios.append(len(set(grams)) / len(grams) if grams else 0.0)
+        self.accumulate(torch.tensor(ratios, dtype=torch.float64))
 
 
-class CorpusDistinctN(TextMetric):
+class CorpusDistinctN(Metric):
     """Corpus distinct-n (Li et al. 2016): distinct n-grams of all generations over their n-grams.
 
     Low when generations share phrasing across prompts, e.g. one template with the prompt's
-    words filled in, which per-generation distinct-n cannot see. N-grams are kept as stable
+    words filled in, which per-prompt distinct-n cannot see. N-grams are kept as stable
     64-bit hashes, so ranks agree under DDP.
     """
+
+    full_state_update = False
+    is_differentiable = False
 
     def __init__(self, n: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.n = n
         self.add_state("hashes", [], dist_reduce_fx="cat")
 
-    def update(self, texts: list[str]) -> None:
-        grams = [" ".join(gram) for text in texts for gram in ngrams(text, self.n)]
+    def update(self, samples: Samples) -> None:
+        grams = [" ".join(gram) for text in samples.responses for gram in ngrams(text, self.n)]
         self.hashes.append(torch.tensor([stable_hash(g) for g in grams], dtype=torch.long, device=self.device))
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> Tensor:
         if isinstance(self.hashes, list) and not self.hashes:  # never updated (after a DDP sync: one tensor)
             return torch.tensor(0.0)
         hashes = dim_zero_cat(self.hashes)

@@ -9,18 +9,18 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-
 from .adapters import Adapter, AdapterConfig
 from .algorithms import RLOO, Algorithm
 from .bases import LocalBase
 from .data import PromptBatch, repeat_prompts
-from .metrics import CorpusDistinctN, DistinctN, TextMetric
+from .evaluation import Evaluation, Stage
+from .metrics import Samples
 from .policy import Sampling, TailoredPolicy
 from .rewards import Reward
 from .types import Rollout
 
 POLICIES = ("tailored", "base")
+FROZEN = ("policy.base.", "reward.", "evaluation.")  # state_dict prefixes rebuilt at start-up, never checkpointed
 
 # The policy stays in eval mode on purpose (frozen base, no dropout in RL): silence Lightning's caution.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -34,6 +34,7 @@ class IPAModule(LightningModule):
         base: LocalBase,
         reward: Reward,
         algorithm: Optional[Algorithm] = None,
+        evaluation: Optional[Evaluation] = None,
         adapter: AdapterConfig = AdapterConfig(),
         alpha: float = 1.0,
         sampling: Sampling = Sampling(),
@@ -52,6 +53,8 @@ class IPAModule(LightningModule):
             base: The frozen base LM (never trained, never checkpointed).
             reward: What the tailored policy should maximise.
             algorithm: The RL algorithm that trains the adapter (None: RLOO with its defaults).
+            evaluation: What validation and test sample and measure (None: one sample per prompt; mean
+                reward and its parts, distinct-2, corpus distinct-2). Tasks bring their own protocol.
             adapter: How to build the adapter.
             alpha: Weight α of the adapter in log_softmax(base) + α·adapter.
             sampling: Decoding settings for rollouts, validation, test and predict.
@@ -79,16 +82,14 @@ class IPAModule(LightningModule):
         self.reward = reward
         self.algorithm = algorithm or RLOO()
         self.algorithm.setup(self.policy.adapter)
+        self.evaluation = evaluation or Evaluation()
         self.lr_scheduler = lr_scheduler
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{policy}": self._evaluators() for stage in ("val", "test") for policy in POLICIES}
-        )
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{policy}": nn.ModuleDict(self.evaluation.metrics(self.reward.names)) for stage in ("val", "test") for policy in POLICIES
+        })
         self.samples: list[dict[str, Any]] = []  # a few validation samples, for the SampleTable callback
-        self._base_samples: dict[tuple[str, ...], list[str]] = {}  # the frozen base's eval draws are fixed
-
-    def _evaluators(self) -> nn.ModuleDict:
-        means = {name: MeanMetric() for name in ("reward", *self.reward.names)}
-        return nn.ModuleDict({**means, "distinct_2": DistinctN(2), "corpus_distinct_2": CorpusDistinctN(2)})
+        self.generations: list[dict[str, Any]] = []  # every test sample with its scores, for the TestResults callback
+        self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's eval draws are fixed
 
     @property
     def tokenizer(self):
@@ -151,36 +152,45 @@ class IPAModule(LightningModule):
 
     # ---- evaluation: the base alone and the tailored policy on the same prompts ----
 
-    def generate(self, prompts: list[str], batch_idx: int) -> dict[str, list[str]]:
-        """Tailored and base-alone responses, drawn with a seed fixed per batch."""
+    def generate(self, prompts: list[str], batch_idx: int, k: int = 1) -> dict[str, list[str]]:
+        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch."""
         encoded = self.policy.base.encode(prompts)
         generator = torch.Generator(self.device).manual_seed(self.hparams.eval_seed + batch_idx)
-        tailored = self.decode(self.policy.sample(encoded, generator))
-        key = tuple(prompts)
+        tailored = self.decode(self.policy.sample(encoded, generator, samples_per_prompt=k, for_training=False))
+        key = (*prompts, k)
         if key not in self._base_samples:
             generator.manual_seed(self.hparams.eval_seed + batch_idx)
-            self._base_samples[key] = self.decode(self.policy.sample(encoded, generator, use_adapter=False))
+            base = self.policy.sample(encoded, generator, use_adapter=False, samples_per_prompt=k, for_training=False)
+            self._base_samples[key] = self.decode(base)
         return {"tailored": tailored, "base": self._base_samples[key]}
 
-    def _evaluate(self, batch: PromptBatch, batch_idx: int, stage: str) -> None:
-        responses = self.generate(batch["prompt"], batch_idx)
-        scores = {policy: self.score(batch, texts) for policy, texts in responses.items()}
-        for policy, texts in responses.items():
-            metrics = self.metrics[f"{stage}_{policy}"]
-            for name, metric in metrics.items():
-                if isinstance(metric, TextMetric):
-                    metric.update(texts)
-                else:
-                    metric.update(scores[policy][name])
-                self.log(f"{stage}/{name}/{policy}", metric, batch_size=len(texts))
-        if stage == "val" and batch_idx == 0:
+    def _evaluate(self, batch: PromptBatch, batch_idx: int, stage: Stage) -> None:
+        k = self.evaluation.num_samples(stage)
+        responses = self.generate(batch["prompt"], batch_idx, k)
+        repeated = repeat_prompts(batch, k)
+        samples = {
+            policy: Samples(batch["prompt"], texts, {**self.score(repeated, texts), **self.evaluation.score(repeated["prompt"], texts)}, k)
+            for policy, texts in responses.items()
+        }
+        for policy, policy_samples in samples.items():
+            for name, metric in self.metrics[f"{stage}_{policy}"].items():
+                metric.update(policy_samples)
+                self.log(f"{stage}/{name}/{policy}", metric, batch_size=len(batch["prompt"]))
+        rows = {policy: policy_samples.by_prompt() for policy, policy_samples in samples.items()}  # [P] each
+        if stage == "test":
+            self.generations += [{"prompt": p, **{policy: rows[policy][i] for policy in POLICIES}} for i, p in enumerate(batch["prompt"])]
+        if stage == "val" and batch_idx == 0:  # the first sample of the first prompts
             self.samples = [
-                {"prompt": p, **{policy: responses[policy][i] for policy in POLICIES}, **{f"reward_{policy}": scores[policy]["reward"][i].item() for policy in POLICIES}}
+                {"prompt": p, **{policy: rows[policy][i]["responses"][0] for policy in POLICIES},
+                 **{f"reward_{policy}": rows[policy][i]["reward"][0] for policy in POLICIES}}
                 for i, p in enumerate(batch["prompt"][: self.hparams.num_logged_samples])
             ]
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.generations = []
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "test")
@@ -209,9 +219,7 @@ class IPAModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}  # rebuilt at start-up
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k not in frozen and not k.startswith("policy.base.")
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen and not k.startswith(FROZEN)}
         hparams = checkpoint.get("hyper_parameters", {})
         for name in [k for k, v in hparams.items() if isinstance(v, nn.Module)]:
             del hparams[name]  # a base passed as an object (outside the CLI) is not saved either

@@ -126,12 +126,14 @@ class TailoredPolicy(nn.Module):
         use_adapter: bool = True,
         samples_per_prompt: int = 1,
         top_p: Optional[float] = None,
+        for_training: bool = True,
     ) -> Rollout:
         """Sample responses with KV caches; the base runs exactly once per generated token.
 
         With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
         k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
         An adapter with control codes samples with code 0 (see ``Adapter.add_controls``).
+        ``for_training=False`` (evaluation) keeps neither the base's [B, T, V] log-probs nor hidden states.
         """
         s, k = self.sampling, samples_per_prompt
         top_p = s.top_p if top_p is None else top_p
@@ -158,7 +160,8 @@ class TailoredPolicy(nn.Module):
             token = sample_token(logprobs, s.top_k, top_p, generator).masked_fill(~real, self.pad_id)
             token_lp = _pick(logprobs, token, real)
             reference_lp = _pick(self.distribution(base_lp, None, t), token, real) if use_adapter else token_lp
-            steps.append((token, real, token_lp, reference_lp, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)))
+            kept = (base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)) if for_training else ()
+            steps.append((token, real, token_lp, reference_lp, *kept))
             alive = real & (token != self.eos_id)
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
@@ -169,7 +172,8 @@ class TailoredPolicy(nn.Module):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
-        tokens, masks, token_lps, reference_lps, base_lps, hiddens = (torch.stack(x, dim=1) for x in zip(*steps))
+        tokens, masks, token_lps, reference_lps, *kept = (torch.stack(x, dim=1) for x in zip(*steps))
+        base_lps, hiddens = kept if for_training else (None, None)
         return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens, control)
 
     def with_base_logprobs(self, rollout: Rollout) -> Rollout:

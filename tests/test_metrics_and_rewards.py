@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from lightning_ipa import IPAModule, LocalBase
-from lightning_ipa.metrics import CorpusDistinctN, DistinctN, distinct_ratio
+from lightning_ipa.metrics import CorpusDistinctN, DistinctN, Samples, distinct_ratio
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
 from tasks.quickstart.reward import coverage
+
+
+def texts(*responses: str, k: int = 1) -> Samples:
+    """Samples of responses only, k per prompt."""
+    return Samples([f"p{i}" for i in range(len(responses) // k)], list(responses), {}, k)
 
 
 def test_distinct_n():
@@ -14,23 +19,26 @@ def test_distinct_n():
     assert distinct_ratio("The dog.", 2) == 1.0
     assert distinct_ratio("dog", 2) == 0.0
     metric = DistinctN(2)
-    metric.update(["the dog saw the dog", "a b c"])
-    metric.update(["x"])
+    metric.update(texts("the dog saw the dog", "a b c"))
+    metric.update(texts("x"))
     assert torch.isclose(metric.compute(), torch.tensor((0.75 + 1.0 + 0.0) / 3))
+    grouped = DistinctN(2)  # k samples of a prompt count together: "the dog" ×3 of 5 bigrams
+    grouped.update(texts("the dog saw the dog", "The dog ran.", k=2))
+    assert grouped.compute() == pytest.approx(4 / 6)
 
 
 def test_corpus_distinct_n_sees_a_shared_template():
     metric = CorpusDistinctN(2)
-    metric.update(["the dog saw the dog", "The dog ran."])
+    metric.update(texts("the dog saw the dog", "The dog ran."))
     assert metric.compute() == pytest.approx(4 / 6)  # the dog ×3, dog saw, saw the, dog ran
-    template = ["Three words: dog, run and tree.", "Three words: cat, sit and mat."]
+    template = texts("Three words: dog, run and tree.", "Three words: cat, sit and mat.")
     per_text, corpus = DistinctN(2), CorpusDistinctN(2)
     per_text.update(template)
     corpus.update(template)
     assert per_text.compute() == 1.0 and corpus.compute() == pytest.approx(9 / 10)  # "three words" twice
     rank0, rank1 = CorpusDistinctN(2), CorpusDistinctN(2)  # DDP: states are gathered, then computed once
-    rank0.update(["the dog saw the dog"])
-    rank1.update(["The dog ran."])
+    rank0.update(texts("the dog saw the dog"))
+    rank1.update(texts("The dog ran."))
     rank0.merge_state(rank1)
     assert rank0.compute() == pytest.approx(4 / 6)
 
