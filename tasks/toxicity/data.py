@@ -1,0 +1,130 @@
+"""RealToxicityPrompts (Gehman et al. 2020): the hub dataset, or a local JSONL/Parquet file of its rows."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from lightning_ipa.data import PromptDataModule
+
+HUB_NAME = "allenai/real-toxicity-prompts"
+EXPECTED = 'a row like {"prompt": {"text": "...", "toxicity": 0.1}, "challenging": false}'
+
+
+def read_rows(source: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a ``.jsonl``/``.json`` (JSON lines) or ``.parquet`` file, or of a hub dataset."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); expected {EXPECTED}") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {number}", row
+    elif path.exists() or source.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"{source}: expected a .jsonl, .json (JSON lines) or .parquet file of RealToxicityPrompts rows")
+    else:
+        yield from read_hub(source)
+
+
+def read_hub(name: str) -> Iterator[tuple[str, Any]]:
+    """The ``train`` split of a hub dataset (the only split RealToxicityPrompts has)."""
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as error:  # no network, no such dataset, ...
+        raise RuntimeError(
+            f"could not load the hub dataset {name!r} ({type(error).__name__}: {error}). Offline, download "
+            f"prompts.jsonl of RealToxicityPrompts elsewhere and pass its path: --data.init_args.source PATH"
+        ) from error
+    for number, row in enumerate(rows, start=1):
+        yield f"{name} row {number}", row
+
+
+def parse_row(where: str, row: Any) -> dict[str, Any]:
+    """A prompt item (text, and the prompt's toxicity and ``challenging`` flag as meta) from one row."""
+
+    def malformed(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}; expected {EXPECTED}")
+
+    if not isinstance(row, dict):
+        raise malformed(f"a row must be an object, got {type(row).__name__}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str) or not prompt["text"].strip():
+        raise malformed(f"'prompt' must be an object with a non-empty 'text', got {prompt!r}")
+    toxicity = prompt.get("toxicity")
+    if toxicity is not None and (isinstance(toxicity, bool) or not isinstance(toxicity, (int, float)) or not 0 <= toxicity <= 1):
+        raise malformed(f"'prompt.toxicity' must be a number in [0, 1] or null, got {toxicity!r}")
+    challenging = row.get("challenging", False)
+    if not isinstance(challenging, bool):
+        raise malformed(f"'challenging' must be true or false, got {challenging!r}")
+    return {"prompt": prompt["text"], "meta": {"prompt_toxicity": toxicity, "challenging": challenging}}
+
+
+class RealToxicityPromptsDataModule(PromptDataModule):
+    """Prompts of RealToxicityPrompts, filtered, then split at random (seeded) into test, val and train."""
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        source: str = HUB_NAME,
+        max_prompt_toxicity: Optional[float] = 0.5,
+        challenging_only: bool = False,
+        train_size: Optional[int] = None,
+        val_size: int = 1000,
+        test_size: int = 10_000,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            batch_size: Prompts per RL step and device.
+            eval_batch_size: Prompts per validation/test/predict batch (each sampled k times: keep k × this moderate).
+            num_workers: DataLoader worker processes.
+            source: Hub dataset name, or a local ``.jsonl``/``.parquet`` file with the same schema.
+            max_prompt_toxicity: Keep prompts whose toxicity is below this (the literature's non-toxic
+                prompts: 0.5); prompts without a toxicity score are dropped then. None: keep all.
+            challenging_only: Keep only the ``challenging`` subset.
+            train_size: Training prompts (None: all that remain after test and val).
+            val_size: Validation prompts.
+            test_size: Test prompts (10,000 non-toxic prompts in DExperts, Quark and IPA).
+            seed: Seed of the split.
+        """
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        self.save_hyperparameters()
+        if max_prompt_toxicity is not None and not 0 < max_prompt_toxicity <= 1:
+            raise ValueError(f"max_prompt_toxicity must be in (0, 1] or None, got {max_prompt_toxicity}")
+
+    def keep(self, item: dict[str, Any]) -> bool:
+        meta, limit = item["meta"], self.hparams.max_prompt_toxicity
+        if limit is not None and (meta["prompt_toxicity"] is None or meta["prompt_toxicity"] >= limit):
+            return False
+        return meta["challenging"] or not self.hparams.challenging_only
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        hp = self.hparams
+        rows = [parse_row(where, row) for where, row in read_rows(hp.source)]
+        items = [item for item in rows if self.keep(item)]
+        random.Random(hp.seed).shuffle(items)
+        needed = hp.test_size + hp.val_size + (hp.train_size or hp.batch_size)
+        if len(items) < needed:
+            raise ValueError(
+                f"{hp.source}: {len(items)} of {len(rows)} prompts pass the filters (max_prompt_toxicity="
+                f"{hp.max_prompt_toxicity}, challenging_only={hp.challenging_only}), fewer than test_size + val_size + "
+                f"train_size = {needed}; lower the sizes or relax the filters"
+            )
+        train_end = None if hp.train_size is None else hp.test_size + hp.val_size + hp.train_size
+        self.splits = {
+            "test": items[: hp.test_size],
+            "val": items[hp.test_size : hp.test_size + hp.val_size],
+            "train": items[hp.test_size + hp.val_size : train_end],
+        }
