@@ -25,7 +25,7 @@ class DetoxifyReward(ModelReward):
 
     def __init__(
         self,
-        model: Literal["original", "unbiased", "multilingual"] = "original",
+        model: Literal["original", "unbiased", "multilingual", "original-small", "unbiased-small"] = "original",
         checkpoint: Optional[str] = None,
         huggingface_config_path: Optional[str] = None,
         head: str = "toxicity",
