@@ -4,8 +4,12 @@ from .adapters import Adapter, AdapterConfig
 from .algorithms import PPO, RLOO, Algorithm, Quark
 from .bases import LocalBase
 from .data import PromptDataModule
+from .evaluation import Evaluation, Perplexity
 from .module import IPAModule
 from .policy import Sampling, TailoredPolicy
-from .rewards import Reward
+from .rewards import ModelReward, Reward
 
-__all__ = ["Adapter", "AdapterConfig", "Algorithm", "IPAModule", "LocalBase", "PPO", "PromptDataModule", "Quark", "RLOO", "Reward", "Sampling", "TailoredPolicy"]
+__all__ = [
+    "Adapter", "AdapterConfig", "Algorithm", "Evaluation", "IPAModule", "LocalBase", "ModelReward", "PPO", "Perplexity",
+    "PromptDataModule", "Quark", "RLOO", "Reward", "Sampling", "TailoredPolicy",
+]

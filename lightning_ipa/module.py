@@ -9,6 +9,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import Tensor, nn
+
 from .adapters import Adapter, AdapterConfig
 from .algorithms import RLOO, Algorithm
 from .bases import LocalBase

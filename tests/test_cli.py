@@ -66,6 +66,8 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     last = str(run / "checkpoints" / "last.ckpt")
     tested = main(["test", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", last])
     assert {"test/coverage/tailored", "test/coverage/base", "test/distinct_2/base"} <= set(tested.trainer.callback_metrics)
+    results = json.loads((tmp_path / "quickstart" / "version_1" / "results.json").read_text())
+    assert results["metrics"]["coverage"].keys() == {"base", "tailored"} and results["prompts"] == 6
     main(["predict", *tiny_args(tiny_llama, tmp_path), "--ckpt_path", last])
     rows = [json.loads(line) for line in (tmp_path / "quickstart" / "version_2" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6
