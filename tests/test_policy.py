@@ -129,6 +129,9 @@ def test_k_samples_per_prompt_read_each_prompt_once(policy_factory):
     assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
     assert torch.allclose(shared.reference_logprobs, repeated.reference_logprobs, atol=1e-5)
     assert torch.allclose(policy.evaluate(shared).logprobs, shared.logprobs, atol=1e-4)
+    evaluation = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(5), samples_per_prompt=3, for_training=False)
+    assert torch.equal(evaluation.response_ids, shared.response_ids)  # the same draws, without the [B, T, V] tensors
+    assert evaluation.base_logprobs is None and evaluation.hidden is None
 
 
 @pytest.mark.parametrize("block_tokens", [None, 4])  # None: one block; 4: the loss is scored 4 tokens at a time
