@@ -73,8 +73,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             raise
 
 
-def load_causal_lm(path: str, dtype: DType = "float32", **config_overrides) -> nn.Module:
-    """An HF causal LM from a resolved hub name or folder, quietly (truncation warns per layer)."""
+def load_causal_lm(path: str, dtype: BaseDType = "float32", **config_overrides) -> nn.Module:
+    """An HF causal LM from a resolved hub name or folder, quietly (truncation warns per layer).
+
+    ``dtype`` 'auto': bfloat16 where the hardware runs it natively, else float32.
+    """
+    dtype = fast_inference_dtype() if dtype == "auto" else dtype
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -125,7 +129,7 @@ class LocalBase(nn.Module):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.tokenizer = load_tokenizer(self.path)
-        self.lm = load_causal_lm(self.path, fast_inference_dtype() if dtype == "auto" else dtype).requires_grad_(False).eval()
+        self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
         self.forward_count = 0  # incremental forwards since construction: one per generated token
 
     @property

@@ -66,6 +66,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def per_rank(path: Path, trainer: Trainer) -> Path:
+    """``path`` itself in a single process; ``<stem>.rank<r><suffix>`` under DDP, where each rank writes its own."""
+    return path if trainer.world_size == 1 else path.with_suffix(f".rank{trainer.global_rank}{path.suffix}")
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict`` results as JSON lines (one file per rank under DDP)."""
 
@@ -78,8 +83,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output = output
 
     def path(self, trainer: Trainer) -> Path:
-        path = Path(self.output or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl")
-        return path if trainer.world_size == 1 else path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+        return per_rank(Path(self.output or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"), trainer)
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any) -> None:
         path = self.path(trainer)
@@ -97,8 +101,8 @@ class TestResults(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
-        name = "generations.jsonl" if trainer.world_size == 1 else f"generations.rank{trainer.global_rank}.jsonl"
-        write_jsonl(folder / name, pl_module.generations)
+        generations = per_rank(folder / "generations.jsonl", trainer)
+        write_jsonl(generations, pl_module.generations)
         prompts = int(trainer.strategy.reduce(torch.tensor(float(len(pl_module.generations)), device=pl_module.device), reduce_op="sum").item())
         if not trainer.is_global_zero:
             return
@@ -115,7 +119,7 @@ class TestResults(Callback):
                 for metric, values in table.items()]
         heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {trainer.ckpt_path}\n\n"
         write_text_atomic(folder / "results.md", heading + markdown_table(rows) + "\n")
-        print(f"Wrote results.json, results.md and {name} to {folder}")
+        print(f"Wrote results.json, results.md and {generations.name} to {folder}")
 
 
 class TrainingClock(Callback):

@@ -1,8 +1,10 @@
-"""Prompt datasets: lists of ``{"prompt": str, "meta": dict}`` served in batches."""
+"""Prompt datasets: lists of ``{"prompt": str, "meta": dict}`` served in batches, and the readers of their sources."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -19,6 +21,44 @@ def collate_prompts(items: Sequence[dict[str, Any]]) -> PromptBatch:
 def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
     """Each prompt k times in a row (k samples per prompt stay consecutive)."""
     return {key: [value for value in values for _ in range(k)] for key, values in batch.items()}
+
+
+def read_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of a dataset: a local ``.jsonl``/``.json`` (JSON lines) or ``.parquet``
+    file, or else ``split`` of a hub dataset through HF ``datasets``. ``where`` (file:line, or row number)
+    is for error messages about the record.
+    """
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        for number, record in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {number}", record
+    elif path.exists() or source.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"{source}: expected a .jsonl, .json (JSON lines) or .parquet file, or a hub dataset name")
+    else:
+        yield from _read_hub(source, split)
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+
+        records = datasets.load_dataset(name, split=split)
+    except Exception as error:  # no network, no such dataset, ...
+        raise RuntimeError(
+            f"could not load the hub dataset {name!r} ({type(error).__name__}: {error}). Offline, download it "
+            f"elsewhere as JSON lines or Parquet and pass its path: --data.init_args.source PATH"
+        ) from error
+    for number, record in enumerate(records, start=1):
+        yield f"{name} row {number}", record
 
 
 class EpochShuffle(Sampler[int]):

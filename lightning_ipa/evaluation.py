@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .bases import BaseDType, fast_inference_dtype, load_causal_lm, load_tokenizer, resolve_pretrained
+from .bases import BaseDType, load_causal_lm, load_tokenizer, resolve_pretrained
 from .metrics import CorpusDistinctN, DistinctN, MeanScore
 
 Stage = Literal["val", "test"]
@@ -69,7 +69,7 @@ class Perplexity(nn.Module):
         super().__init__()
         path = resolve_pretrained(name_or_path)
         self.tokenizer = load_tokenizer(path)
-        self.lm = load_causal_lm(path, fast_inference_dtype() if dtype == "auto" else dtype).requires_grad_(False).eval()
+        self.lm = load_causal_lm(path, dtype).requires_grad_(False).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()

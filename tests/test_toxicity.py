@@ -186,7 +186,7 @@ def test_parquet_file_and_hub_dataset_give_the_same_splits(tmp_path, monkeypatch
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([*ROWS[:2], {"prompt": {"text": "", "toxicity": 0.1}}]), parquet)
     with pytest.raises(ValueError, match="prompts.parquet row 3: 'prompt' must be"):
         data(str(parquet))
-    with pytest.raises(ValueError, match="expected a .jsonl, .json .* or .parquet file"):
+    with pytest.raises(ValueError, match="expected a .jsonl, .json .* or .parquet file, or a hub dataset name"):
         data(str(tmp_path / "prompts.csv"))
 
 

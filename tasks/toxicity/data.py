@@ -2,51 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from lightning_ipa.data import PromptDataModule
+from lightning_ipa.data import PromptDataModule, read_records
 
 HUB_NAME = "allenai/real-toxicity-prompts"
 EXPECTED = 'a row like {"prompt": {"text": "...", "toxicity": 0.1}, "challenging": false}'
-
-
-def read_rows(source: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of a ``.jsonl``/``.json`` (JSON lines) or ``.parquet`` file, or of a hub dataset."""
-    path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); expected {EXPECTED}") from None
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet
-
-        for number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
-            yield f"{path} row {number}", row
-    elif path.exists() or source.startswith(("/", "./", "../", "~")):
-        raise ValueError(f"{source}: expected a .jsonl, .json (JSON lines) or .parquet file of RealToxicityPrompts rows")
-    else:
-        yield from read_hub(source)
-
-
-def read_hub(name: str) -> Iterator[tuple[str, Any]]:
-    """The ``train`` split of a hub dataset (the only split RealToxicityPrompts has)."""
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(name, split="train")
-    except Exception as error:  # no network, no such dataset, ...
-        raise RuntimeError(
-            f"could not load the hub dataset {name!r} ({type(error).__name__}: {error}). Offline, download "
-            f"prompts.jsonl of RealToxicityPrompts elsewhere and pass its path: --data.init_args.source PATH"
-        ) from error
-    for number, row in enumerate(rows, start=1):
-        yield f"{name} row {number}", row
 
 
 def parse_row(where: str, row: Any) -> dict[str, Any]:
@@ -112,7 +74,7 @@ class RealToxicityPromptsDataModule(PromptDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         hp = self.hparams
-        rows = [parse_row(where, row) for where, row in read_rows(hp.source)]
+        rows = [parse_row(where, row) for where, row in read_records(hp.source)]
         items = [item for item in rows if self.keep(item)]
         random.Random(hp.seed).shuffle(items)
         needed = hp.test_size + hp.val_size + (hp.train_size or hp.batch_size)
