@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.text import BLEUScore, ROUGEScore
 from torchmetrics.utilities import dim_zero_cat
 
 WORD = re.compile(r"\w+")
@@ -38,6 +39,7 @@ class Samples(NamedTuple):
     responses: list[str]  # [P·k] the k samples of each prompt in a row
     scores: dict[str, Tensor]  # name → [P·k] (the reward and its parts, and the evaluation's own scores)
     samples_per_prompt: int  # k
+    meta: Sequence[dict[str, Any]] = ()  # [P] the prompts' meta (e.g. "references" for BLEU/ROUGE)
 
     def per_prompt(self, name: str) -> Tensor:
         """Score ``name`` as [P, k]."""
@@ -87,6 +89,17 @@ class MeanScore(SampleMetric):
         self.accumulate(values)
 
 
+class ShareOfSamplesAbove(SampleMetric):
+    """Share of samples scoring above ``threshold`` (e.g. the safe-response rate)."""
+
+    def __init__(self, score: str, threshold: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.score, self.threshold = score, threshold
+
+    def update(self, samples: Samples) -> None:
+        self.accumulate((samples.scores[self.score] > self.threshold).float())
+
+
 class MeanOfMax(SampleMetric):
     """Mean over prompts of the highest score among each prompt's samples (e.g. average max toxicity)."""
 
@@ -126,6 +139,46 @@ class DistinctN(SampleMetric):
             grams = [gram for text in group for gram in ngrams(text, self.n)]
             ratios.append(len(set(grams)) / len(grams) if grams else 0.0)
         self.accumulate(torch.tensor(ratios, dtype=torch.float64))
+
+
+def with_references(samples: Samples, key: str) -> tuple[list[str], list[list[str]]]:
+    """Each sample of a prompt that has references (``meta[key]``: a string or a list), with those references."""
+    k = samples.samples_per_prompt
+    pairs = [
+        (samples.responses[i * k + j], [refs] if isinstance(refs, str) else list(refs))
+        for i, meta in enumerate(samples.meta) if (refs := meta.get(key))
+        for j in range(k)
+    ]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+class BLEU(BLEUScore):
+    """Corpus BLEU of the samples against their prompt's references (``meta["references"]``); prompts without any are skipped."""
+
+    def __init__(self, n_gram: int = 4, references: str = "references", **kwargs):
+        super().__init__(n_gram=n_gram, **kwargs)
+        self.references = references
+
+    def update(self, samples: Samples) -> None:
+        predictions, references = with_references(samples, self.references)
+        if predictions:
+            super().update(predictions, references)
+
+
+class ROUGE(ROUGEScore):
+    """ROUGE F-measure (``rouge1``, ``rouge2``, ``rougeL``) against the prompt's references (best reference per sample)."""
+
+    def __init__(self, key: Literal["rouge1", "rouge2", "rougeL"] = "rougeL", references: str = "references", **kwargs):
+        super().__init__(rouge_keys=(key,), **kwargs)  # no rougeLsum: it wants NLTK data
+        self.key, self.references = key, references
+
+    def update(self, samples: Samples) -> None:
+        predictions, references = with_references(samples, self.references)
+        if predictions:
+            super().update(predictions, references)
+
+    def compute(self) -> Tensor:
+        return super().compute()[f"{self.key}_fmeasure"]
 
 
 class CorpusDistinctN(Metric):

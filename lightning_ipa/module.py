@@ -170,7 +170,7 @@ class IPAModule(LightningModule):
         responses = self.generate(batch["prompt"], batch_idx, k)
         repeated = repeat_prompts(batch, k)
         samples = {
-            policy: Samples(batch["prompt"], texts, {**self.score(repeated, texts), **self.evaluation.score(repeated["prompt"], texts)}, k)
+            policy: Samples(batch["prompt"], texts, {**self.score(repeated, texts), **self.evaluation.score(repeated["prompt"], texts)}, k, batch["meta"])
             for policy, texts in responses.items()
         }
         for policy, policy_samples in samples.items():

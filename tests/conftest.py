@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Callable, Sequence
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
 from tasks.quickstart.data import NOUNS, VERBS
@@ -42,6 +47,54 @@ def save_tiny_llama(path: Path, vocab_size: int = 400, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_bert(path: Path, labels: Sequence[str] = ("negative", "positive"), seed: int = 0) -> BertForSequenceClassification:
+    """A 2-layer BERT sequence classifier (hidden 32) with a word-level tokenizer, saved as a HF folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for text in CORPUS for w in re.findall(r"\w+", text.lower())} | set("you are a nice kind stupid idiot safe".split()))
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=64).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    return model
+
+
+def save_tiny_sentence_embedder(path: Path) -> Path:
+    """A sentence-transformers model: the tiny BERT's encoder with mean pooling."""
+    from sentence_transformers import SentenceTransformer, models as st_models
+
+    save_tiny_bert(path / "bert")
+    SentenceTransformer(modules=[st_models.Transformer(str(path / "bert")), st_models.Pooling(32, "mean")]).save(str(path / "model"))
+    return path / "model"
+
+
+def save_in_hub_cache(hub: Path, name: str, save: Callable[[Path], object]) -> None:
+    """Put a model where ``from_pretrained(name)`` finds it offline (``HF_HUB_OFFLINE=1``): the hub cache's layout."""
+    revision = "0" * 40
+    repo = hub / f"models--{name.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    save(repo / "snapshots" / revision)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> str:
+    """A tiny BERT classifier with labels ('negative', 'positive')."""
+    path = tmp_path_factory.mktemp("tiny_classifier")
+    save_tiny_bert(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory) -> str:
+    """A tiny sentence-transformers model (BERT + mean pooling)."""
+    return str(save_tiny_sentence_embedder(tmp_path_factory.mktemp("tiny_embedder")))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lightning_ipa import IPAModule, LocalBase
-from lightning_ipa.metrics import CorpusDistinctN, DistinctN, Samples, distinct_ratio
+from lightning_ipa.metrics import BLEU, ROUGE, CorpusDistinctN, DistinctN, Samples, ShareOfSamplesAbove, distinct_ratio
+from lightning_ipa.rewards import ClassifierReward, CoherenceReward, ComposedReward, Reward
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
 from tasks.quickstart.reward import coverage
 
@@ -96,3 +97,79 @@ def test_missing_eos_penalty_lowers_the_training_reward_of_unfinished_responses(
     rollout = rollout._replace(response_ids=torch.tensor([[word, eos, pad], [word, word, word]]))
     assert module.ended(rollout).tolist() == [True, False]
     torch.testing.assert_close(module.shaped_reward(rollout, torch.tensor([0.8, 0.8])), torch.tensor([0.8, 0.3]))
+
+
+# ---- generic rewards and reference metrics (used by several tasks) ----
+
+class Fixed(Reward):
+    """A reward with known scores, and one part."""
+
+    names = ("part",)
+
+    def __init__(self, values: list[float]):
+        self.values = torch.tensor(values)
+
+    def __call__(self, prompts, responses, meta):
+        return {"reward": self.values, "part": self.values * 10}
+
+
+def test_composed_reward_sums_or_multiplies_named_parts_and_reports_each():
+    parts = {"a": Fixed([0.5, 1.0]), "b": Fixed([0.2, 0.4])}
+    summed = ComposedReward(parts, "sum", {"a": 2.0})
+    scores = summed(["p", "p"], ["x", "y"], [{}, {}])
+    assert summed.names == ("reward/a", "reward/a/part", "reward/b", "reward/b/part")
+    assert torch.allclose(scores["reward"], torch.tensor([2 * 0.5 + 0.2, 2 * 1.0 + 0.4]))
+    assert torch.allclose(scores["reward/b"], torch.tensor([0.2, 0.4])) and torch.allclose(scores["reward/a/part"], torch.tensor([5.0, 10.0]))
+    product = ComposedReward(parts, "product", {"b": 0.5})
+    assert torch.allclose(product(["p", "p"], ["x", "y"], [{}, {}])["reward"], torch.tensor([0.5 * 0.2**0.5, 1.0 * 0.4**0.5]))
+    with pytest.raises(ValueError, match=r"weights for unknown rewards \['c'\]"):
+        ComposedReward(parts, weights={"c": 1.0})
+
+
+def test_classifier_reward_is_the_probability_of_the_chosen_label(tiny_classifier):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(tiny_classifier), AutoTokenizer.from_pretrained(tiny_classifier)
+    prompts, responses, meta = ["the dog runs", "a child reads"], ["you are nice", "the cat sleeps"], [{"knowledge": "a cat"}, {"knowledge": "a book"}]
+    with torch.no_grad():
+        alone = model(**tokenizer(responses, return_tensors="pt", padding=True)).logits.softmax(-1)
+        paired = model(**tokenizer([m["knowledge"] for m in meta], responses, return_tensors="pt", padding=True)).logits.softmax(-1)
+    by_name = ClassifierReward(tiny_classifier, label="positive", batch_size=1)
+    assert torch.allclose(by_name(prompts, responses, meta)["reward"], alone[:, 1], atol=1e-6)
+    assert torch.allclose(ClassifierReward(tiny_classifier, label=0)(prompts, responses, meta)["reward"], alone[:, 0], atol=1e-6)
+    with_knowledge = ClassifierReward(tiny_classifier, label="positive", text_pair="knowledge")
+    assert torch.allclose(with_knowledge(prompts, responses, meta)["reward"], paired[:, 1], atol=1e-6)
+    assert not any(p.requires_grad for p in by_name.parameters())
+    with pytest.raises(ValueError, match=r"label 'safe' is not one of .* labels \['negative', 'positive'\]"):
+        ClassifierReward(tiny_classifier, label="safe")
+    with pytest.raises(ValueError, match="label index 2 is out of range"):
+        ClassifierReward(tiny_classifier, label=2)
+
+
+def test_coherence_reward_is_the_cosine_of_sentence_embeddings(tiny_embedder):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny_embedder, device="cpu")
+    prompts, responses, meta = ["the dog runs", "a child reads a book"], ["the dog sleeps", "the river"], [{"history": "a cat"}, {"history": "the tree"}]
+    cosine = lambda a, b: torch.nn.functional.cosine_similarity(model.encode(a, convert_to_tensor=True), model.encode(b, convert_to_tensor=True))  # noqa: E731
+    assert torch.allclose(CoherenceReward(tiny_embedder)(prompts, responses, meta)["reward"], cosine(prompts, responses), atol=1e-5)
+    with_history = CoherenceReward(tiny_embedder, context="history")(prompts, responses, meta)["reward"]
+    assert torch.allclose(with_history, cosine([m["history"] for m in meta], responses), atol=1e-5)
+
+
+def test_bleu_and_rouge_against_references_skip_prompts_without_them():
+    from torchmetrics.functional.text import bleu_score, rouge_score
+
+    references = [{"references": ["the cat sat on a mat", "a cat on the mat"]}, {}, {"references": "a dog runs"}]
+    batch = Samples(["p0", "p1", "p2"], ["the cat sat on the mat", "a cat", "x", "y", "dog runs", "the dog ran"], {}, 2, references)
+    kept, refs = ["the cat sat on the mat", "a cat", "dog runs", "the dog ran"], [references[0]["references"]] * 2 + [["a dog runs"]] * 2
+    bleu = BLEU(n_gram=2)
+    bleu.update(batch)
+    assert bleu.compute() == pytest.approx(float(bleu_score(kept, refs, n_gram=2)))
+    for key in ("rouge1", "rouge2", "rougeL"):
+        rouge = ROUGE(key)
+        rouge.update(batch)
+        assert rouge.compute() == pytest.approx(float(rouge_score(kept, refs, rouge_keys=key)[f"{key}_fmeasure"]))
+    share = ShareOfSamplesAbove("safe", 0.5)
+    share.update(Samples(["p"], ["a", "b", "c", "d"], {"safe": torch.tensor([0.9, 0.5, 0.6, 0.1])}, 4))
+    assert share.compute() == pytest.approx(0.5)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import train_tokenizer
+from conftest import save_in_hub_cache, save_tiny_bert, train_tokenizer
 from lightning_ipa.cli import CONF, main
 from lightning_ipa.evaluation import Perplexity
 from lightning_ipa.metrics import Samples
@@ -192,19 +192,9 @@ def test_parquet_file_and_hub_dataset_give_the_same_splits(tmp_path, monkeypatch
 
 # ---- rewards ----
 
-WORDS = "you are a nice kind stupid idiot day have great person the".split()
-
-
 def save_tiny_detoxify(folder: Path, classes=("toxic", "severe_toxic", "insult"), model_type: str | None = None) -> Path:
-    """A tiny random BERT in Detoxify's checkpoint format: (checkpoint file, config+tokenizer folder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=len(classes))
-    model = BertForSequenceClassification(config)
-    config.save_pretrained(folder)
+    """A tiny random BERT in Detoxify's checkpoint format; the folder holds its config and tokenizer."""
+    model = save_tiny_bert(folder, classes)
     arch = {"model_type": model_type or str(folder), "model_name": "BertForSequenceClassification", "tokenizer_name": "BertTokenizer", "num_classes": len(classes)}
     checkpoint = folder / "detoxify.ckpt"
     torch.save({"config": {"arch": {"args": arch}, "dataset": {"args": {"classes": list(classes)}}}, "state_dict": model.state_dict()}, checkpoint)
@@ -299,15 +289,6 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_detoxi
     # the file's per-prompt maxima give the logged average max toxicity
     maxima = sum(max(row["tailored"]["toxicity"]) for row in rows) / len(rows)
     assert maxima == pytest.approx(results["metrics"]["avg_max_toxicity"]["tailored"], rel=1e-5)
-
-
-def save_in_hub_cache(hub: Path, name: str, save) -> None:
-    """Put a model where ``from_pretrained(name)`` finds it offline: the hub cache's snapshot layout."""
-    revision = "0" * 40
-    repo = hub / f"models--{name}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    save(repo / "snapshots" / revision)
 
 
 def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_path):
