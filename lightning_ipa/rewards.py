@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Literal, Optional, Union
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .bases import resolve_pretrained
+from .bases import BaseDType, resolve_pretrained
+from .evaluation import Perplexity
 
 
 class Reward(ABC):
@@ -182,3 +184,33 @@ class SentenceEmbedder(nn.Module):
         device = next(self.model.parameters()).device
         return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True, device=device,
                                  show_progress_bar=False).float()
+
+
+class PerplexityFluency(ModelReward):
+    """reward = 1 − log(perplexity) / log(``max_perplexity``), clipped to [0, 1]: fluency under a reference LM.
+
+    The perplexity is of the response given the prompt (``evaluation.Perplexity``): 1 at perplexity 1,
+    0 at ``max_perplexity`` or above (and for an empty response); log-linear in between.
+    """
+
+    names = ("perplexity",)
+
+    def __init__(self, name_or_path: str, max_perplexity: float = 1000.0, dtype: BaseDType = "auto", batch_size: int = 32):
+        """
+        Args:
+            name_or_path: Reference LM: hub name, folder, ``.gguf`` or ``package://module/file.gguf``.
+            max_perplexity: Perplexity at which fluency reaches 0.
+            dtype: Weights' dtype; 'auto': bfloat16 where the hardware runs it natively, else float32.
+            batch_size: Texts per forward pass.
+        """
+        super().__init__()
+        if max_perplexity <= 1:
+            raise ValueError(f"max_perplexity must be > 1, got {max_perplexity}")
+        self.perplexity = Perplexity(name_or_path, dtype, batch_size)
+        self.max_perplexity = max_perplexity
+        self.freeze()
+
+    def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
+        perplexity = self.perplexity(prompts, responses)
+        fluency = (1 - perplexity.log() / math.log(self.max_perplexity)).nan_to_num(0.0).clamp(0, 1)
+        return {"reward": fluency, "perplexity": perplexity}

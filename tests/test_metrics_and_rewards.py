@@ -1,11 +1,12 @@
 import json
+import math
 
 import pytest
 import torch
 
 from lightning_ipa import IPAModule, LocalBase
 from lightning_ipa.metrics import BLEU, ROUGE, CorpusDistinctN, DistinctN, Samples, ShareOfSamplesAbove, distinct_ratio
-from lightning_ipa.rewards import ClassifierReward, CoherenceReward, ComposedReward, Reward
+from lightning_ipa.rewards import ClassifierReward, CoherenceReward, ComposedReward, PerplexityFluency, Reward
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
 from tasks.quickstart.reward import coverage
 
@@ -173,3 +174,15 @@ def test_bleu_and_rouge_against_references_skip_prompts_without_them():
     share = ShareOfSamplesAbove("safe", 0.5)
     share.update(Samples(["p"], ["a", "b", "c", "d"], {"safe": torch.tensor([0.9, 0.5, 0.6, 0.1])}, 4))
     assert share.compute() == pytest.approx(0.5)
+
+
+def test_perplexity_fluency_maps_log_perplexity_to_zero_one(tiny_llama):
+    fluency = PerplexityFluency(tiny_llama, max_perplexity=100.0, dtype="float32")
+    prompts, responses = ["The dog runs", "The cat", "A child"], [" to the tree.", "", " reads a book by the river."]
+    perplexity = fluency.perplexity(prompts, responses)
+    scores = fluency(prompts, responses, [{}] * 3)
+    expected = (1 - perplexity.log() / math.log(100.0)).clamp(0, 1)
+    assert torch.allclose(scores["reward"][[0, 2]], expected[[0, 2]]) and scores["reward"][1] == 0  # empty: 0
+    assert torch.allclose(scores["perplexity"][[0, 2]], perplexity[[0, 2]])
+    with pytest.raises(ValueError, match="max_perplexity must be > 1"):
+        PerplexityFluency(tiny_llama, max_perplexity=1.0)
