@@ -164,6 +164,9 @@ class BLEU(BLEUScore):
         if predictions:
             super().update(predictions, references)
 
+    def compute(self) -> Tensor:
+        return super().compute() if self.preds_len > 0 else torch.tensor(float("nan"))  # no references seen: undefined, as ROUGE
+
 
 class ROUGE(ROUGEScore):
     """ROUGE F-measure (``rouge1``, ``rouge2``, ``rougeL``) against the prompt's references (best reference per sample)."""
@@ -179,6 +182,10 @@ class ROUGE(ROUGEScore):
 
     def compute(self) -> Tensor:
         return super().compute()[f"{self.key}_fmeasure"]
+
+    # ROUGEScore hashes its states alone, and a Metric's == is truthy: fresh instances would collide as
+    # modules (nn.Module keeps one of them, and Lightning cannot find the others to log them).
+    __hash__ = Metric.__hash__
 
 
 class CorpusDistinctN(Metric):

