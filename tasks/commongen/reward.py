@@ -1,6 +1,7 @@
-"""CommonGen's reward parts: concept coverage, and an LM fluency for where no acceptability classifier is at hand.
+"""CommonGen's own reward part: concept coverage, in any or in the listed order.
 
-IPA's reward is coverage × fluency: compose them with ``ComposedReward(combine="product")``.
+IPA's reward is coverage × fluency: compose it with a fluency (``ClassifierReward`` on CoLA, or offline
+``PerplexityFluency(context=None)``) through ``ComposedReward(combine="product")``.
 """
 
 from __future__ import annotations
