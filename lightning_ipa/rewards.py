@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .bases import BaseDType, resolve_pretrained
 from .evaluation import Perplexity
+from .metrics import distinct_ratio
 
 
 class Reward(ABC):
@@ -235,3 +236,35 @@ class PerplexityFluency(ModelReward):
         perplexity = self.perplexity(contexts(self.context, prompts, meta), responses)
         fluency = (1 - perplexity.log() / math.log(self.max_perplexity)).nan_to_num(0.0).clamp(0, 1)
         return {"reward": fluency, "perplexity": perplexity}
+
+
+def diversity(text: str, ns: Sequence[int] = (2, 3, 4)) -> float:
+    """Π over n in ``ns`` of distinct-n of the text's words, i.e. Π (1 − rep-n) (Su et al. 2022).
+
+    distinct-n = distinct word n-grams / word n-grams (words: lower-cased ``\\w+``); a text with no
+    n-gram (fewer than n words) has distinct-n = 0, so a response too short to judge scores 0.
+    """
+    return math.prod(distinct_ratio(text, n) for n in ns)
+
+
+class Diversity(Reward):
+    """reward = Π over n in ``ns`` of distinct-n of the response's words (1: no repeated n-gram; 0: no n-gram at all).
+
+    For n = 2, 3, 4 this is the diversity of contrastive search and contrastive decoding, Π (1 − rep-n).
+    Each distinct-n is reported too (``distinct_<n>``).
+    """
+
+    def __init__(self, ns: Sequence[int] = (2, 3, 4)):
+        """
+        Args:
+            ns: The n of the distinct-n multiplied together.
+        """
+        if not ns or any(n < 1 for n in ns):
+            raise ValueError(f"ns must be a non-empty list of n ≥ 1, got {list(ns)}")
+        self.ns = tuple(ns)
+        self.names = tuple(f"distinct_{n}" for n in self.ns)
+
+    def __call__(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
+        ratios = torch.tensor([[distinct_ratio(text, n) for n in self.ns] for text in responses], dtype=torch.float32)
+        ratios = ratios.reshape(len(responses), len(self.ns))  # [B, len(ns)]
+        return {"reward": ratios.prod(-1), **{name: ratios[:, i] for i, name in enumerate(self.names)}}

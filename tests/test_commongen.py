@@ -312,7 +312,9 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tmp_path):
         assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
     rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 5
-    assert set(rows[0]["tailored"]) == {"responses", "reward", "reward/coverage", "reward/fluency", "reward/fluency/perplexity"}
+    assert set(rows[0]["tailored"]) == {
+        "responses", "reward", "reward/coverage", "reward/fluency", "reward/fluency/perplexity", "reward/repetition", "reward/repetition/distinct_2",
+    }
     coverage = sum(sum(row["tailored"]["reward/coverage"]) for row in rows) / 10
     assert coverage == pytest.approx(results["metrics"]["coverage"]["tailored"], rel=1e-5)
 

@@ -22,8 +22,8 @@ from conftest import save_in_hub_cache, train_tokenizer
 from lightning_ipa.cli import CONF, main
 from lightning_ipa.evaluation import Perplexity
 from lightning_ipa.metrics import Samples, stable_hash
-from lightning_ipa.rewards import CoherenceReward, ComposedReward, PerplexityFluency, SentenceEmbedder
-from tasks.open_ended import MAUVE, Diversity, OpenEndedDataModule, OpenEndedEvaluation, diversity
+from lightning_ipa.rewards import CoherenceReward, ComposedReward, Diversity, PerplexityFluency, SentenceEmbedder, diversity
+from tasks.open_ended import MAUVE, OpenEndedDataModule, OpenEndedEvaluation
 from test_cli import ROOT, tiny_args
 
 # ---- data ----

@@ -1,7 +1,6 @@
-"""Open-ended generation: text prompts to continue, a diversity reward (composed with coherence and fluency) and MAUVE."""
+"""Open-ended generation: text prompts to continue and MAUVE; the reward composes the engine's diversity, coherence and fluency."""
 
 from .data import OpenEndedDataModule
 from .metrics import MAUVE, OpenEndedEvaluation
-from .reward import Diversity, diversity
 
-__all__ = ["MAUVE", "Diversity", "OpenEndedDataModule", "OpenEndedEvaluation", "diversity"]
+__all__ = ["MAUVE", "OpenEndedDataModule", "OpenEndedEvaluation"]

@@ -13,9 +13,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_ipa.evaluation import Evaluation, Perplexity
 from lightning_ipa.metrics import MeanScore, Samples
-from lightning_ipa.rewards import SentenceEmbedder
-
-from .reward import diversity
+from lightning_ipa.rewards import SentenceEmbedder, diversity
 
 
 def references_of(meta: dict[str, Any], key: str) -> list[str]:
