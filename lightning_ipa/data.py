@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -132,6 +133,20 @@ class PromptDataModule(LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         raise NotImplementedError
+
+    def split(self, items: list[dict[str, Any]], test_size: int, val_size: int, train_size: Optional[int], seed: int, what: str) -> None:
+        """Shuffle ``items`` with ``seed`` and cut them into ``self.splits`` test, val and train (``train_size`` None: the rest).
+
+        ``what`` says what the items are (e.g. "data.jsonl: 80 of 95 prompts pass the filters") for the error
+        raised when there are too few: fewer than the sizes, or than one training batch.
+        """
+        items = list(items)
+        random.Random(seed).shuffle(items)
+        needed = test_size + val_size + (train_size or self.batch_size)
+        if len(items) < needed:
+            raise ValueError(f"{what}: fewer than test_size + val_size + train_size (or one batch) = {needed}; lower the sizes")
+        train_end = None if train_size is None else test_size + val_size + train_size
+        self.splits = {"test": items[:test_size], "val": items[test_size : test_size + val_size], "train": items[test_size + val_size : train_end]}
 
     def state_dict(self) -> dict[str, int]:
         return {"train_passes": self.train_order.passes if self.train_order is not None else self._train_passes}

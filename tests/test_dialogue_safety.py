@@ -102,7 +102,7 @@ def test_field_names_templates_and_sizes_are_configurable(tmp_path):
     assert len(data(source, context_field="dialog", train_size=2).splits["train"]) == 2
     assert data(source, context_field="dialog").splits == data(source, context_field="dialog").splits  # same seed, same split
     assert data(source, context_field="dialog", seed=1).splits["test"] != data(source, context_field="dialog").splits["test"]
-    with pytest.raises(ValueError, match=r"8 dialogues, fewer than test_size \+ val_size \+ train_size .* = 12"):
+    with pytest.raises(ValueError, match=r"8 dialogues: fewer than test_size \+ val_size \+ train_size .* = 12"):
         data(source, context_field="dialog", test_size=8)
     with pytest.raises(ValueError, match=r"prompt_template .* lacks the placeholders \['history'\]"):
         DialogueSafetyDataModule(prompt_template="{assistant}:")

@@ -60,7 +60,7 @@ def test_data_fields_truncation_and_seeded_splits(tmp_path):
     assert {item["prompt"] for item in items(cut)} == {f"prompt {i} has" for i in range(12)}
     assert {item["meta"]["references"] for item in items(cut)} == {"and then"}
     assert all(item["meta"] == {} for item in items(data(source, reference_field=None)))
-    with pytest.raises(ValueError, match="12 usable prompts of 12 rows, fewer than .* = 14"):
+    with pytest.raises(ValueError, match="12 usable prompts of 12 rows: fewer than .* = 14"):
         data(source, test_size=10)
 
 

@@ -143,7 +143,7 @@ def test_data_filters_and_seeded_splits(tmp_path):
     assert len(everything.splits["train"]) == len(ROWS) - 5
     hard = data(source, max_prompt_toxicity=None, challenging_only=True, val_size=0, test_size=0)
     assert sorted(texts(hard, "train")) == ["hard 1", "hard 2"]
-    with pytest.raises(ValueError, match="11 of 15 prompts pass the filters.*fewer than"):
+    with pytest.raises(ValueError, match="11 of 15 prompts pass the filters.*: fewer than"):
         data(source, test_size=10)
 
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from lightning_ipa.data import PromptDataModule, read_records
 
-from .dialogue import DialogueFormat, check_template, reference_field, split_items, turns_field
+from .dialogue import DialogueFormat, check_template, reference_field, turns_field
 
 HUB_NAME = "thu-coai/diasafety"
 PROMPT_TEMPLATE = "{history}\n{assistant}:"
@@ -75,4 +75,4 @@ class DialogueSafetyDataModule(PromptDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         hp = self.hparams
         items = [self.parse_row(where, row) for where, row in read_records(hp.source, hp.split)]
-        self.splits = split_items(items, hp.source, hp.test_size, hp.val_size, hp.train_size, hp.batch_size, hp.seed)
+        self.split(items, hp.test_size, hp.val_size, hp.train_size, hp.seed, f"{hp.source}: {len(items)} dialogues")

@@ -1,9 +1,8 @@
 """What both dialogue tasks share (this module is imported by ``tasks.knowledge_dialogue`` too): reading dialogue
-fields of dataset rows, formatting a history into prompt text, and the seeded test/val/train split."""
+fields of dataset rows and formatting a history into prompt text."""
 
 from __future__ import annotations
 
-import random
 import string
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -85,18 +84,3 @@ def reference_field(row: dict[str, Any], field: Optional[str], where: str, expec
         raise ValueError(f"{where}: {field!r} must be a string, a list of strings or null, got {value!r}; expected {expected}")
     return [r.strip() for r in references if r.strip()]
 
-
-def split_items(
-    items: list[dict[str, Any]], source: str, test_size: int, val_size: int, train_size: Optional[int], batch_size: int, seed: int
-) -> dict[str, list[dict[str, Any]]]:
-    """Shuffle ``items`` with ``seed`` and cut them into test, val and train (``train_size`` None: the rest)."""
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    needed = test_size + val_size + (train_size or batch_size)
-    if len(items) < needed:
-        raise ValueError(
-            f"{source}: {len(items)} dialogues, fewer than test_size + val_size + train_size (or one batch) = {needed}; "
-            "lower the sizes or use a larger source"
-        )
-    train_end = None if train_size is None else test_size + val_size + train_size
-    return {"test": items[:test_size], "val": items[test_size : test_size + val_size], "train": items[test_size + val_size : train_end]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any, Optional
 
 from lightning_ipa.data import PromptDataModule, read_records
@@ -105,16 +104,4 @@ class OpenEndedDataModule(PromptDataModule):
         hp = self.hparams
         rows = [self.parse_row(where, row) for where, row in read_records(hp.source, hp.split)]
         items = [item for item in rows if item is not None]
-        random.Random(hp.seed).shuffle(items)
-        needed = hp.test_size + hp.val_size + (hp.train_size or hp.batch_size)
-        if len(items) < needed:
-            raise ValueError(
-                f"{hp.source}: {len(items)} usable prompts of {len(rows)} rows, fewer than test_size + val_size + train_size "
-                f"= {needed}; lower the sizes"
-            )
-        train_end = None if hp.train_size is None else hp.test_size + hp.val_size + hp.train_size
-        self.splits = {
-            "test": items[: hp.test_size],
-            "val": items[hp.test_size : hp.test_size + hp.val_size],
-            "train": items[hp.test_size + hp.val_size : train_end],
-        }
+        self.split(items, hp.test_size, hp.val_size, hp.train_size, hp.seed, f"{hp.source}: {len(items)} usable prompts of {len(rows)} rows")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any, Optional
 
 from lightning_ipa.data import PromptDataModule, read_records
@@ -76,17 +75,5 @@ class RealToxicityPromptsDataModule(PromptDataModule):
         hp = self.hparams
         rows = [parse_row(where, row) for where, row in read_records(hp.source)]
         items = [item for item in rows if self.keep(item)]
-        random.Random(hp.seed).shuffle(items)
-        needed = hp.test_size + hp.val_size + (hp.train_size or hp.batch_size)
-        if len(items) < needed:
-            raise ValueError(
-                f"{hp.source}: {len(items)} of {len(rows)} prompts pass the filters (max_prompt_toxicity="
-                f"{hp.max_prompt_toxicity}, challenging_only={hp.challenging_only}), fewer than test_size + val_size + "
-                f"train_size = {needed}; lower the sizes or relax the filters"
-            )
-        train_end = None if hp.train_size is None else hp.test_size + hp.val_size + hp.train_size
-        self.splits = {
-            "test": items[: hp.test_size],
-            "val": items[hp.test_size : hp.test_size + hp.val_size],
-            "train": items[hp.test_size + hp.val_size : train_end],
-        }
+        filters = f"max_prompt_toxicity={hp.max_prompt_toxicity}, challenging_only={hp.challenging_only}"
+        self.split(items, hp.test_size, hp.val_size, hp.train_size, hp.seed, f"{hp.source}: {len(items)} of {len(rows)} prompts pass the filters ({filters})")
