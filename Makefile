@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test benchmark benchmark-learning tensorboard clean
+.PHONY: quickstart test benchmark benchmark-learning benchmark-remote tensorboard clean
 
 $(BIN)/.installed: pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ benchmark: $(BIN)/.installed  ## tailored sampling vs HF generate of the base al
 
 benchmark-learning: $(BIN)/.installed  ## PPO, Quark and RLOO on the quickstart at equal training time (~40 min)
 	$(BIN)/python benchmarks/learning.py
+
+benchmark-remote: $(BIN)/.installed  ## tailored sampling through a local HTTP API base vs the same local top-k base
+	$(BIN)/python benchmarks/remote.py
 
 tensorboard: $(BIN)/.installed
 	$(BIN)/tensorboard --logdir runs

@@ -7,9 +7,10 @@ from .data import PromptDataModule
 from .evaluation import Evaluation, Perplexity
 from .module import IPAModule
 from .policy import Sampling, TailoredPolicy
+from .remote import RemoteBase
 from .rewards import ModelReward, Reward
 
 __all__ = [
     "Adapter", "AdapterConfig", "Algorithm", "Evaluation", "IPAModule", "LocalBase", "ModelReward", "PPO", "Perplexity",
-    "PromptDataModule", "Quark", "RLOO", "Reward", "Sampling", "TailoredPolicy",
+    "PromptDataModule", "Quark", "RLOO", "RemoteBase", "Reward", "Sampling", "TailoredPolicy",
 ]

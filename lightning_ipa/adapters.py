@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
+from .remote import RemoteBase
 
 ControlMode = Literal["prefix", "every_token"]
 
@@ -72,9 +73,12 @@ class Adapter(nn.Module):
         return [p for p in fresh if p.requires_grad]
 
     @classmethod
-    def build(cls, config: AdapterConfig, base: LocalBase) -> "Adapter":
+    def build(cls, config: AdapterConfig, base: LocalBase | RemoteBase) -> "Adapter":
         """Load the adapter described by ``config``; its vocabulary must be the base's."""
         path = resolve_pretrained(config.name_or_path) if config.name_or_path else base.path
+        if path is None:
+            raise ValueError("the base is remote (no local weights to build the adapter from): set adapter.name_or_path "
+                             "to a local checkpoint with the base's tokenizer, e.g. its distilled proxy")
         if path != base.path:
             check_same_vocabulary(base, path)
         overrides = {} if config.num_layers is None else {"num_hidden_layers": config.num_layers}
@@ -145,7 +149,7 @@ def zeros_linear(in_features: int, out_features: int, dtype) -> nn.Linear:
     return layer
 
 
-def check_same_vocabulary(base: LocalBase, adapter_path: str) -> None:
+def check_same_vocabulary(base: LocalBase | RemoteBase, adapter_path: str) -> None:
     """Fail at start-up, with both sizes, when the adapter's tokenizer differs from the base's."""
     adapter_tokenizer = load_tokenizer(adapter_path)
     if adapter_tokenizer.get_vocab() != base.tokenizer.get_vocab():

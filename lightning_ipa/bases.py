@@ -95,6 +95,28 @@ def fast_inference_dtype() -> DType:
     return "bfloat16" if native else "float32"
 
 
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str], device: torch.device
+) -> Prompts:
+    """Tokenise prompt texts (each as a user turn of the chat template, if asked) into a left-padded batch."""
+    if chat_template:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        prompts = [
+            tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+    return Prompts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+
+def top_k_only(logprobs: Tensor, k: Optional[int]) -> Tensor:
+    """``logprobs`` [..., V] with all but the k highest set to -inf (None: unchanged): an API base's support."""
+    if k is None:
+        return logprobs
+    values, indices = logprobs.topk(k, dim=-1)
+    return torch.full_like(logprobs, float("-inf")).scatter(-1, indices, values)
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path``, left-padding, with a pad token (EOS when it has none)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -116,6 +138,7 @@ class LocalBase(nn.Module):
         dtype: BaseDType = "auto",
         chat_template: bool = False,
         system_prompt: Optional[str] = None,
+        top_k: Optional[int] = None,
     ):
         """
         Args:
@@ -123,11 +146,14 @@ class LocalBase(nn.Module):
             dtype: Weights' dtype; 'auto': bfloat16 where the hardware runs it natively, else float32.
             chat_template: Wrap each prompt as a user turn of the tokenizer's chat template.
             system_prompt: System turn for the chat template (None: the template's default).
+            top_k: Keep only the base's k most likely tokens per step (None: all): the support an API base
+                returns (``RemoteBase.top_logprobs``), so that an adapter trains under the support it will see.
         """
         super().__init__()
         self.path = resolve_pretrained(name_or_path)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self.top_k = top_k
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
         self.forward_count = 0  # incremental forwards since construction: one per generated token
@@ -145,15 +171,7 @@ class LocalBase(nn.Module):
 
     def encode(self, prompts: list[str]) -> Prompts:
         """Tokenise prompt texts into a left-padded batch on the model's device."""
-        if self.chat_template:
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            prompts = [
-                self.tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.chat_template)
-        device = self.lm.device
-        return Prompts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        return encode_prompts(self.tokenizer, prompts, self.chat_template, self.system_prompt, self.lm.device)
 
     @torch.no_grad()
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> tuple[Tensor, object]:
@@ -165,7 +183,7 @@ class LocalBase(nn.Module):
         out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         # the head on a contiguous [B, H] slice: a strided 3-D input sends bfloat16 CPU matmuls down a slow path
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
-        return logits.float().log_softmax(-1), out.cache
+        return top_k_only(logits.float().log_softmax(-1), self.top_k), out.cache
 
     @torch.no_grad()
     def response_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
@@ -176,4 +194,4 @@ class LocalBase(nn.Module):
         """
         hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         states = hidden[:, prompt_length - 1 : -1].contiguous()  # the states that predict each response token
-        return self.lm.get_output_embeddings()(states).float().log_softmax(-1)
+        return top_k_only(self.lm.get_output_embeddings()(states).float().log_softmax(-1), self.top_k)

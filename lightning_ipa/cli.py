@@ -1,4 +1,7 @@
-"""``python -m lightning_ipa {fit,validate,test,predict}``: LightningCLI over IPAModule and a task's data."""
+"""``python -m lightning_ipa {fit,validate,test,predict,distill}``: LightningCLI over IPAModule and a task's data.
+
+``distill`` fits a ``DistillModule`` instead: a local proxy of a (remote) base, for IPA's black-box workflow.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Optional
 from lightning.pytorch.cli import LightningCLI
 
 from .data import PromptDataModule
+from .distill import DistillModule
 from .module import IPAModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -52,13 +56,19 @@ def with_default_config(args: list[str]) -> list[str]:
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
-    """Run the CLI on ``args`` (default: the command line); returns it for tests and notebooks."""
+    """Run the CLI on ``args`` (default: the command line); returns it for tests and notebooks.
+
+    ``distill ...`` runs ``fit ...`` of a ``DistillModule`` (its config names a teacher, a student and an output folder).
+    """
+    given = list(sys.argv[1:] if args is None else args)
+    distill = bool(given) and given[0] == "distill"
+    given = ["fit", *given[1:]] if distill else with_default_config(given)
     if args is None:
-        sys.argv[1:] = with_default_config(sys.argv[1:])
+        sys.argv[1:] = given  # LightningCLI reads the command line itself
     else:
-        args = with_default_config(list(args))
+        args = given
     return IPACLI(
-        IPAModule,
+        DistillModule if distill else IPAModule,
         PromptDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},

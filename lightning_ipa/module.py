@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning import LightningModule
@@ -17,6 +17,7 @@ from .data import PromptBatch, repeat_prompts
 from .evaluation import Evaluation, Stage
 from .metrics import Samples
 from .policy import Sampling, TailoredPolicy
+from .remote import RemoteBase
 from .rewards import Reward
 from .types import Rollout
 
@@ -32,7 +33,7 @@ class IPAModule(LightningModule):
 
     def __init__(
         self,
-        base: LocalBase,
+        base: Union[LocalBase, RemoteBase],
         reward: Reward,
         algorithm: Optional[Algorithm] = None,
         evaluation: Optional[Evaluation] = None,
@@ -51,7 +52,8 @@ class IPAModule(LightningModule):
     ):
         """
         Args:
-            base: The frozen base LM (never trained, never checkpointed).
+            base: The frozen base LM (never trained, never checkpointed): a local model, or with
+                ``class_path: lightning_ipa.RemoteBase`` one behind an API that returns top-k log-probs.
             reward: What the tailored policy should maximise.
             algorithm: The RL algorithm that trains the adapter (None: RLOO with its defaults).
             evaluation: What validation and test sample and measure (None: one sample per prompt; mean

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter
 from .bases import LocalBase
+from .remote import RemoteBase
 from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
 
 NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider nuclei fall back to a full sort
@@ -85,9 +86,10 @@ class TailoredPolicy(nn.Module):
 
     ``log_softmax(base) + α·adapter`` (then temperature) defines the policy everywhere: in
     rollouts, in the training loss and at inference. Top-k/top-p only filter what is sampled.
+    Without an adapter it samples the base alone (``use_adapter=False``), e.g. a teacher to distil.
     """
 
-    def __init__(self, base: LocalBase, adapter: Adapter, alpha: float = 1.0, sampling: Sampling = Sampling()):
+    def __init__(self, base: LocalBase | RemoteBase, adapter: Optional[Adapter], alpha: float = 1.0, sampling: Sampling = Sampling()):
         super().__init__()
         self.base = base
         self.adapter = adapter

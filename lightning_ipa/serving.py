@@ -1,0 +1,125 @@
+"""A minimal OpenAI-compatible completions endpoint over a local causal LM (tests, benchmarks, offline trials).
+
+``POST /v1/completions`` with ``{"prompt": [token ids], "logprobs": k}`` answers in the legacy completions
+schema: ``choices[0].logprobs.top_logprobs[0]`` maps the k most likely next tokens to their log-probs. A
+token is named by its text, or ``bytes:\\xNN...`` where its text alone is not valid UTF-8, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from .bases import DType, load_causal_lm, load_tokenizer, resolve_pretrained
+from .remote import BYTE_DECODER
+
+
+class CompletionsServer:
+    """Serves one model's next-token top-k log-probs on ``url`` from a background thread (a context manager)."""
+
+    def __init__(self, name_or_path: str, host: str = "127.0.0.1", port: int = 0, dtype: DType = "float32"):
+        path = resolve_pretrained(name_or_path)
+        self.tokenizer = load_tokenizer(path)
+        self.lm = load_causal_lm(path, dtype).eval()
+        self.lock = threading.Lock()  # one forward at a time
+        self.requests = 0
+        self.compute_seconds = 0.0  # in the model's forward, summed over requests
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                status, payload = owner.handle(self.path, dict(self.headers), self.rfile.read(length))
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+        self.http = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> "CompletionsServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+    def handle(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """(HTTP status, JSON payload) for one request."""
+        if path.rstrip("/") != "/v1/completions":
+            return HTTPStatus.NOT_FOUND, {"error": {"message": f"no route {path}"}}
+        try:
+            request = json.loads(body)
+            ids, k = request["prompt"], int(request.get("logprobs") or 1)
+            if not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
+                raise ValueError("prompt must be a non-empty list of token ids")
+        except (ValueError, KeyError, TypeError) as error:
+            return HTTPStatus.BAD_REQUEST, {"error": {"message": str(error)}}
+        self.requests += 1
+        return HTTPStatus.OK, self.complete(ids, k)
+
+    @torch.no_grad()
+    def complete(self, ids: list[int], k: int) -> dict[str, Any]:
+        with self.lock:
+            start = time.perf_counter()
+            logits = self.lm(input_ids=torch.tensor([ids], device=self.lm.device)).logits[0, -1]
+            self.compute_seconds += time.perf_counter() - start
+        values, indices = logits.float().log_softmax(-1).topk(k)
+        top = {self.token_string(token_id): value for token_id, value in zip(indices.tolist(), values.tolist())}
+        best = next(iter(top))
+        return {"object": "text_completion", "choices": [{"index": 0, "text": best, "finish_reason": "length",
+                                                          "logprobs": {"tokens": [best], "token_logprobs": [values[0].item()], "top_logprobs": [top]}}]}
+
+    def token_string(self, token_id: int) -> str:
+        """How an API names a token: its text, or ``bytes:\\xNN...`` where the text is not valid UTF-8 on its own."""
+        text = self.tokenizer.decode([token_id])
+        return text if "\ufffd" not in text else "bytes:" + "".join(f"\\x{b:02x}" for b in self.raw(token_id))
+
+    def raw(self, token_id: int) -> bytes:
+        """The bytes of a token whose text is not valid UTF-8 on its own (a piece of a multi-byte character)."""
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if all(char in BYTE_DECODER for char in token):
+            return bytes(BYTE_DECODER[char] for char in token)
+        if token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:-1], 16)])
+        raise ValueError(f"token {token_id} ({token!r}) has no known byte form")
+
+
+def main() -> None:
+    """``python -m lightning_ipa.serving --model NAME --port 8000``: serve a local model until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="hub name, folder, .gguf or package:// path")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    with CompletionsServer(args.model, args.host, args.port, args.dtype) as server:
+        print(f"Serving {args.model} at {server.url}/completions (Ctrl-C to stop)", flush=True)
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

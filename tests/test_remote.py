@@ -1,0 +1,147 @@
+"""Black-box bases: RemoteBase against a real HTTP server on 127.0.0.1 serving a tiny in-process model."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ipa import Adapter, AdapterConfig, LocalBase, RemoteBase, Sampling, TailoredPolicy
+from lightning_ipa.cli import CONF, main
+from lightning_ipa.remote import remote_token_bytes
+from lightning_ipa.serving import CompletionsServer
+from lightning_ipa.types import position_ids
+
+PROMPTS = ["The dog runs to the tree", "A child reads a book by", "The cat"]
+SECRET = "sk-test-0123456789-do-not-leak"
+
+
+class FaultyServer(CompletionsServer):
+    """Answers the next requests with the given faults ('500', '400', 'slow', 'not json', 'no logprobs'), then normally."""
+
+    def __init__(self, model: str, faults: list[str]):
+        super().__init__(model)
+        self.faults = list(faults)
+        self.authorizations: list[str] = []
+
+    def handle(self, path, headers, body):
+        self.authorizations.append(headers.get("Authorization", ""))
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "slow":
+            time.sleep(0.5)
+        elif fault in ("500", "400"):
+            return int(fault), {"error": {"message": f"injected {fault}"}}
+        elif fault == "not json":
+            return 200, b"{not json"
+        elif fault == "no logprobs":
+            return 200, {"choices": [{"text": "x"}]}
+        return super().handle(path, headers, body)
+
+
+@pytest.fixture
+def server(tiny_llama):
+    with FaultyServer(tiny_llama, []) as running:
+        yield running
+
+
+def remote(server, tiny_llama, **kwargs) -> RemoteBase:
+    return RemoteBase(server.url, "tiny", tiny_llama, **{"top_logprobs": 8, "backoff": 0.01, **kwargs})
+
+
+def test_every_token_string_maps_back_to_its_id(server, tiny_llama):
+    base = remote(server, tiny_llama)
+    names = [server.token_string(i) for i in range(base.vocab_size)]
+    assert any(name.startswith("bytes:") for name in names)  # byte-level tokens that are no text on their own
+    assert [base.ids[remote_token_bytes(name)] for name in names] == list(range(base.vocab_size))
+
+
+def test_remote_base_gives_the_local_top_k_log_probs(server, tiny_llama):
+    local, far = LocalBase(tiny_llama, dtype="float32", top_k=8), remote(server, tiny_llama)
+    prompts = local.encode(PROMPTS)
+    expected, _ = local(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    got, _ = far(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    assert torch.equal(got.isfinite(), expected.isfinite()) and (got.isfinite().sum(-1) == 8).all()
+    assert torch.allclose(got[got.isfinite()], expected[expected.isfinite()], atol=1e-5)
+    assert far.requests == len(PROMPTS) and far.unmapped_tokens == 0
+
+
+def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, tiny_llama):
+    """Same seed, same tokens: the tailored distribution lives on the base's top-k support in both."""
+    sampling = Sampling(max_new_tokens=6, top_p=0.95)
+
+    def policy(base):
+        adapter = Adapter.build(AdapterConfig(name_or_path=tiny_llama, num_layers=2, head="zeros"), base)
+        torch.nn.init.normal_(adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))  # a non-trivial adapter
+        return TailoredPolicy(base, adapter, 1.0, sampling)
+
+    local, far = policy(LocalBase(tiny_llama, dtype="float32", top_k=8)), policy(remote(server, tiny_llama))
+    a = local.sample(local.base.encode(PROMPTS), torch.Generator().manual_seed(3), samples_per_prompt=2)
+    b = far.sample(far.base.encode(PROMPTS), torch.Generator().manual_seed(3), samples_per_prompt=2)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    real = b.response_mask.bool()
+    assert (b.base_logprobs[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
+    assert torch.allclose(far.evaluate(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
+    # one request per prompt for the first token (its k samples share it), then one per row for each further token
+    assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
+
+
+@pytest.mark.parametrize(
+    "faults, message",
+    [
+        (["500"] * 3, "failed 3 times; last: HTTP 500"),
+        (["not json"] * 3, r"failed 3 times; last: malformed reply \(JSONDecodeError"),
+        (["no logprobs"] * 3, r"failed 3 times; last: malformed reply \(KeyError: 'logprobs'"),
+        (["slow"] * 3, "failed 3 times; last: no reply within 0.2 s"),
+    ],
+)
+def test_failures_are_retried_then_reported(tiny_llama, faults, message):
+    with FaultyServer(tiny_llama, faults) as server:
+        base = remote(server, tiny_llama, max_retries=2, timeout=0.2)
+        prompts = base.encode(PROMPTS[:1])
+        with pytest.raises(RuntimeError, match=message):
+            base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        assert base.requests == 3
+        server.faults = ["500", "slow"]  # two failures, then an answer: within the retries
+        logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        assert logprobs.isfinite().sum() == 8 and base.requests == 6
+
+
+def test_client_errors_are_not_retried(tiny_llama):
+    with FaultyServer(tiny_llama, ["400"]) as server:
+        base = remote(server, tiny_llama)
+        prompts = base.encode(PROMPTS[:1])
+        with pytest.raises(RuntimeError, match="answered HTTP 400: .*injected 400"):
+            base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        assert base.requests == 1
+
+
+def test_distill_then_fit_against_the_proxy_then_test_on_the_api(server, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    api = [f"--model.base.init_args.base_url={server.url}", f"--model.base.init_args.tokenizer={tiny_llama}", "--model.base.init_args.chat_template=false"]
+    quick = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+             "--data.init_args.train_size=8", "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=4"]
+    proxy = tmp_path / "proxy"
+    main(["distill", "--config", str(CONF / "blackbox" / "distill.yaml"), *quick, "--trainer.max_steps=2",
+          f"--model.teacher.init_args.base_url={server.url}", f"--model.teacher.init_args.tokenizer={tiny_llama}",
+          "--model.teacher.init_args.chat_template=false", "--model.sampling.max_new_tokens=5",
+          f"--model.student={tiny_llama}", f"--model.output_dir={proxy}", "--model.lr=1e-3"])
+    assert (proxy / "config.json").is_file() and (proxy / "tokenizer.json").is_file()
+    student, original = LocalBase(str(proxy), dtype="float32"), LocalBase(tiny_llama, dtype="float32")
+    assert any(not torch.equal(a, b) for a, b in zip(student.lm.state_dict().values(), original.lm.state_dict().values()))
+    distilled = server.requests
+
+    ipa = ["--config", str(CONF / "blackbox" / "ipa.yaml"), *quick, "--data.init_args.val_size=4", "--model.sampling.max_new_tokens=5",
+           "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.algorithm.init_args.epochs=1",
+           "--model.algorithm.init_args.minibatch_size=null", "--model.base.chat_template=false", "--model.base.top_k=8",
+           f"--model.base.name_or_path={proxy}", f"--model.adapter.name_or_path={proxy}"]
+    main(["fit", *ipa])
+    assert server.requests == distilled  # training ran against the proxy, not the API
+    main(["test", *ipa, "--config", str(CONF / "blackbox" / "remote_base.yaml"), *api, "--model.base.init_args.top_logprobs=8", "--ckpt_path", "last"])
+    results = json.loads((tmp_path / "blackbox" / "version_0" / "results.json").read_text())
+    assert results["metrics"]["coverage"].keys() == {"base", "tailored"} and server.requests > distilled
+    assert set(server.authorizations) == {f"Bearer {SECRET}"}  # sent with every request ...
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]  # ... and stored nowhere: hparams, logs, checkpoints
