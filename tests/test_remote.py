@@ -36,6 +36,8 @@ class FaultyServer(CompletionsServer):
             return 200, b"{not json"
         elif fault == "no logprobs":
             return 200, {"choices": [{"text": "x"}]}
+        elif fault == "unknown token":
+            return 200, {"choices": [{"logprobs": {"top_logprobs": [{"<eos>": -0.5, "no such token in this vocabulary": -1.0}]}}]}
         return super().handle(path, headers, body)
 
 
@@ -145,3 +147,20 @@ def test_distill_then_fit_against_the_proxy_then_test_on_the_api(server, tiny_ll
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "config.yaml" for p in written)
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]  # ... and stored nowhere: hparams, logs, checkpoints
+
+
+def test_unknown_token_strings_are_dropped_and_counted(tiny_llama):
+    with FaultyServer(tiny_llama, ["unknown token"]) as server:
+        base = remote(server, tiny_llama)
+        prompts = base.encode(PROMPTS[:1])
+        logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        assert logprobs.isfinite().sum() == 1 and logprobs[0, base.tokenizer.eos_token_id] == -0.5
+        assert base.unmapped_tokens == 1
+
+
+def test_quark_replay_and_adapter_from_a_remote_base_fail_clearly(server, tiny_llama):
+    base = remote(server, tiny_llama)
+    with pytest.raises(NotImplementedError, match="cannot re-read stored responses.*RLOO or PPO.*distill"):
+        base.response_logprobs(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="the base is remote.*set adapter.name_or_path"):
+        Adapter.build(AdapterConfig(), base)
