@@ -32,20 +32,20 @@ BYTE_DECODER = byte_level_alphabet()
 T = TypeVar("T")
 
 
+def piece_bytes(piece: str) -> bytes:
+    """The bytes a vocabulary piece stands for: byte-level BPE symbols, or SentencePiece's <0xNN> and ▁ pieces."""
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        return bytes([int(piece[3:5], 16)])
+    if all(char in BYTE_DECODER for char in piece):
+        return bytes(BYTE_DECODER[char] for char in piece)
+    return piece.replace("▁", " ").encode()
+
+
 def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
-    """The bytes each token id stands for: byte-level BPE symbols, SentencePiece pieces (▁, <0xNN>), special tokens."""
+    """The bytes each token id stands for (special tokens: their text)."""
     special = set(tokenizer.all_special_tokens)
-    out = []
-    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
-        if token in special:
-            out.append(token.encode())
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-            out.append(bytes([int(token[3:5], 16)]))
-        elif all(char in BYTE_DECODER for char in token):
-            out.append(bytes(BYTE_DECODER[char] for char in token))
-        else:
-            out.append(token.replace("▁", " ").encode())
-    return out
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [piece.encode() if piece in special else piece_bytes(piece) for piece in pieces]
 
 
 def remote_token_bytes(token: str) -> bytes:
@@ -149,10 +149,10 @@ class RemoteBase(nn.Module):
         ``mask`` [B, past + L] marks the real ones.
         """
         self.forward_count += 1
-        if cache is None:
-            cache = RemoteCache([row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())])
         alive = mask[:, -1].bool().cpu()
-        if cache.rows and ids.shape[1] == 1:  # a step: the new token joins each unfinished row
+        if cache is None:  # the prompts
+            cache = RemoteCache([row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())])
+        else:  # a step: the new token joins each unfinished row
             for row, token, real in zip(cache.rows, ids[:, 0].tolist(), alive.tolist()):
                 if real:
                     row.append(token)

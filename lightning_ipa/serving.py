@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .bases import DType, load_causal_lm, load_tokenizer, resolve_pretrained
-from .remote import BYTE_DECODER
+from .remote import piece_bytes
 
 
 class CompletionsServer:
@@ -91,16 +91,11 @@ class CompletionsServer:
     def token_string(self, token_id: int) -> str:
         """How an API names a token: its text, or ``bytes:\\xNN...`` where the text is not valid UTF-8 on its own."""
         text = self.tokenizer.decode([token_id])
-        return text if "\ufffd" not in text else "bytes:" + "".join(f"\\x{b:02x}" for b in self.raw(token_id))
+        if "\ufffd" not in text:
+            return text
+        raw = piece_bytes(self.tokenizer.convert_ids_to_tokens(token_id))  # a piece of a multi-byte character
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def raw(self, token_id: int) -> bytes:
-        """The bytes of a token whose text is not valid UTF-8 on its own (a piece of a multi-byte character)."""
-        token = self.tokenizer.convert_ids_to_tokens(token_id)
-        if all(char in BYTE_DECODER for char in token):
-            return bytes(BYTE_DECODER[char] for char in token)
-        if token.startswith("<0x") and token.endswith(">"):
-            return bytes([int(token[3:-1], 16)])
-        raise ValueError(f"token {token_id} ({token!r}) has no known byte form")
 
 
 def main() -> None:

@@ -87,6 +87,10 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     assert torch.allclose(far.evaluate(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
     # one request per prompt for the first token (its k samples share it), then one per row for each further token
     assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
+    one_token = local.base.encode(["The"])  # a batch one token wide: the first step must not read it twice
+    assert one_token.ids.shape[1] == 1
+    assert torch.equal(local.sample(one_token, torch.Generator().manual_seed(4)).response_ids,
+                       far.sample(one_token, torch.Generator().manual_seed(4)).response_ids)
 
 
 @pytest.mark.parametrize(
