@@ -11,7 +11,7 @@ from lightning_ipa import Adapter, AdapterConfig, LocalBase, RemoteBase, Samplin
 from lightning_ipa.cli import CONF, main
 from lightning_ipa.remote import remote_token_bytes
 from lightning_ipa.serving import CompletionsServer
-from lightning_ipa.types import position_ids
+from lightning_ipa.types import Prompts, position_ids
 
 PROMPTS = ["The dog runs to the tree", "A child reads a book by", "The cat"]
 SECRET = "sk-test-0123456789-do-not-leak"
@@ -87,10 +87,16 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     assert torch.allclose(far.evaluate(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
     # one request per prompt for the first token (its k samples share it), then one per row for each further token
     assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
-    one_token = local.base.encode(["The"])  # a batch one token wide: the first step must not read it twice
-    assert one_token.ids.shape[1] == 1
-    assert torch.equal(local.sample(one_token, torch.Generator().manual_seed(4)).response_ids,
-                       far.sample(one_token, torch.Generator().manual_seed(4)).response_ids)
+
+
+def test_a_one_token_wide_batch_is_read_once(tiny_gpt2_other_vocab):
+    """The first step sends each prompt as it is (a GPT-2 at its random init: context shifts its log-probs)."""
+    with CompletionsServer(tiny_gpt2_other_vocab) as server:
+        bases = LocalBase(tiny_gpt2_other_vocab, dtype="float32", top_k=8), RemoteBase(server.url, "tiny", tiny_gpt2_other_vocab, top_logprobs=8)
+        policies = [TailoredPolicy(base, None, sampling=Sampling(max_new_tokens=4, min_new_tokens=4)) for base in bases]
+        prompt = Prompts(torch.tensor([[100], [150]]), torch.ones(2, 1, dtype=torch.long))
+        local, far = (policy.sample(prompt, torch.Generator().manual_seed(4), use_adapter=False) for policy in policies)
+        assert torch.equal(local.response_ids, far.response_ids) and torch.allclose(local.logprobs, far.logprobs, atol=1e-6)
 
 
 @pytest.mark.parametrize(
