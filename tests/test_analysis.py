@@ -67,6 +67,10 @@ def execute(notebook: Path, parameters: str, cwd: Path) -> nbformat.NotebookNode
     return nb
 
 
+def test_every_notebook_is_executed_here():
+    assert {"compare_runs.ipynb", "generate.ipynb"} == {notebook.name for notebook in NOTEBOOKS}  # a new one needs its test below
+
+
 def test_compare_runs_notebook(tiny_run, tmp_path):
     saved = tmp_path / "curves.png"
     execute(ROOT / "notebooks" / "compare_runs.ipynb",
