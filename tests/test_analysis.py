@@ -49,7 +49,7 @@ def test_helpers_load_the_runs_scalars_samples_and_files(tiny_run):
 
 
 def test_plots_render_to_png_without_a_display(tiny_run):
-    loaded = analysis.load_scalars([tiny_run, tiny_run])  # two runs: two curves per panel, each with its base
+    loaded = analysis.load_scalars([tiny_run])
     assert analysis.run_names([tiny_run, tiny_run.parent / "version_1"]) == {tiny_run: "version_0", tiny_run.parent / "version_1": "version_1"}
     curves = analysis.plot_curves(loaded, ["coverage", "reward"], train=["train/kl"])
     assert png(curves).startswith(b"\x89PNG") and len(curves.axes) == 3
