@@ -74,6 +74,18 @@ def save_tiny_sentence_embedder(path: Path) -> Path:
     return path / "model"
 
 
+def tiny_gpt2_saver(tokenizer: PreTrainedTokenizerFast, layers: int, n_positions: int = 128) -> Callable[[Path], None]:
+    """Saves a tiny GPT-2 (hidden 32) with ``layers`` layers and ``tokenizer`` into a folder (e.g. for ``save_in_hub_cache``)."""
+
+    def save(path: Path) -> None:
+        config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=32, n_head=2, n_positions=n_positions,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        GPT2LMHeadModel(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return save
+
+
 def save_in_hub_cache(hub: Path, name: str, save: Callable[[Path], object]) -> None:
     """Put a model where ``from_pretrained(name)`` finds it offline (``HF_HUB_OFFLINE=1``): the hub cache's layout."""
     revision = "0" * 40

@@ -1,6 +1,7 @@
 """End to end through ``main([...])``: conf/quickstart.yaml with the tiny model swapped in."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def tiny_args(model: str, save_dir: Path, steps: int = 2, *extra: str) -> list[s
         "--model.algorithm.init_args.minibatch_size=null",
         *extra,
     ]
+
+
+def read_test_results(run: Path, metrics: set[str]) -> tuple[dict, list[dict]]:
+    """``results.json`` of a ``test`` run (exactly ``metrics``, each finite for base and tailored) and its ``generations.jsonl`` rows."""
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["metrics"]) == set(metrics)
+    for metric, values in results["metrics"].items():
+        assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
+    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    return results, rows
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import save_in_hub_cache, save_tiny_bert, train_tokenizer
+from conftest import save_in_hub_cache, save_tiny_bert, tiny_gpt2_saver, train_tokenizer
 from lightning_ipa.cli import CONF, main
 from lightning_ipa.evaluation import Perplexity
 from lightning_ipa.metrics import Samples
@@ -19,7 +19,7 @@ from lightning_ipa.rewards import ClassifierReward, ComposedReward, PerplexityFl
 from tasks.commongen import CommonGenDataModule, CommonGenEvaluation, Coverage
 from tasks.commongen.data import ORDERED_TEMPLATE, UNORDERED_TEMPLATE
 from tasks.quickstart.data import NOUNS, VERBS
-from test_cli import ROOT, tiny_args
+from test_cli import ROOT, read_test_results, tiny_args
 
 SHIPPED = ROOT / "tasks" / "commongen" / "offline_concepts.jsonl"
 
@@ -305,12 +305,8 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("reward.", "evaluation.", "policy.base.")) for k in checkpoint["state_dict"])
     main(["test", *args, "--ckpt_path", "last"])
-    results = json.loads((run / "results.json").read_text())
+    results, rows = read_test_results(run, set(EXPECTED))
     assert results["prompts"] == 5 and results["samples_per_prompt"] == 2
-    assert set(results["metrics"]) == set(EXPECTED)
-    for metric, values in results["metrics"].items():
-        assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
-    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 5
     assert set(rows[0]["tailored"]) == {
         "responses", "reward", "reward/coverage", "reward/fluency", "reward/fluency/perplexity", "reward/repetition", "reward/repetition/distinct_2",
@@ -324,16 +320,8 @@ def test_paper_config_instantiates_with_tiny_models_in_the_hub_cache(tmp_path):
     hub = tmp_path / "hf" / "hub"
     tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
 
-    def gpt2(layers: int):
-        def save(path: Path) -> None:
-            config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=32, n_head=2, n_positions=128,
-                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            GPT2LMHeadModel(config).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-        return save
-
     for name, layers in [("gpt2-xl", 3), ("gpt2-large", 2)]:
-        save_in_hub_cache(hub, name, gpt2(layers))
+        save_in_hub_cache(hub, name, tiny_gpt2_saver(tokenizer, layers))
     save_in_hub_cache(hub, "textattack/roberta-base-CoLA", lambda path: save_tiny_bert(path, ("LABEL_0", "LABEL_1")))
     script = (
         "import json; from lightning_ipa.cli import main\n"

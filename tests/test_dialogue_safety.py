@@ -2,7 +2,6 @@
 
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from lightning_ipa.cli import CONF, main
 from lightning_ipa.metrics import Samples
 from lightning_ipa.rewards import ComposedReward
 from tasks.dialogue_safety import DialogueFormat, DialogueSafetyDataModule, DialogueSafetyEvaluation
-from test_cli import ROOT, tiny_args
+from test_cli import ROOT, read_test_results, tiny_args
 
 # ---- formatting ----
 
@@ -266,12 +265,8 @@ def test_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_classifier, ti
     run = tmp_path / "dialogue_safety" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     main(["test", *args, "--ckpt_path", "last"])
-    results = json.loads((run / "results.json").read_text())
+    results, rows = read_test_results(run, set(EXPECTED))
     assert results["prompts"] == 3 and results["samples_per_prompt"] == 2
-    assert set(results["metrics"]) == set(EXPECTED)
-    for metric, values in results["metrics"].items():
-        assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
-    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]["tailored"]) == {"responses", "reward", "reward/safety", "reward/coherence"}
     safe = [v > 0.5 for row in rows for v in row["base"]["reward/safety"]]
     assert sum(safe) / len(safe) == pytest.approx(results["metrics"]["safe_response_rate"]["base"])

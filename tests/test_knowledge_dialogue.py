@@ -1,7 +1,6 @@
 """Knowledge-grounded dialogue task: data (FaithDial and Wizard-of-Wikipedia layouts), the critic + coherence reward of the
 config, the metrics by hand, both ways to run the config."""
 
-import json
 import math
 
 import pyarrow
@@ -15,7 +14,7 @@ from lightning_ipa.cli import CONF, main
 from lightning_ipa.metrics import Samples
 from tasks.dialogue_safety import DialogueFormat
 from tasks.knowledge_dialogue import KnowledgeDialogueDataModule, KnowledgeDialogueEvaluation
-from test_cli import tiny_args
+from test_cli import read_test_results, tiny_args
 from test_dialogue_safety import instantiate_in_hub, reward_from_config, save_tiny_llama_copy, write_jsonl
 
 # ---- data ----
@@ -221,12 +220,8 @@ def test_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_classifier, ti
     run = tmp_path / "knowledge_dialogue" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     main(["test", *args, "--ckpt_path", "last"])
-    results = json.loads((run / "results.json").read_text())
+    results, rows = read_test_results(run, set(EXPECTED))
     assert results["prompts"] == 3 and results["samples_per_prompt"] == 2
-    assert set(results["metrics"]) == set(EXPECTED)
-    for metric, values in results["metrics"].items():
-        assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
-    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]["base"]) == {"responses", "reward", "reward/faithfulness", "reward/coherence"}
     faithfulness = [v for row in rows for v in row["tailored"]["reward/faithfulness"]]
     assert sum(faithfulness) / len(faithfulness) == pytest.approx(results["metrics"]["faithfulness"]["tailored"], rel=1e-5)

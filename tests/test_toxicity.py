@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from conftest import save_in_hub_cache, save_tiny_bert, train_tokenizer
+from conftest import save_in_hub_cache, save_tiny_bert, tiny_gpt2_saver, train_tokenizer
 from lightning_ipa.cli import CONF, main
 from lightning_ipa.evaluation import Perplexity
 from lightning_ipa.metrics import Samples
 from tasks.toxicity import DetoxifyReward, ProfanityReward, RealToxicityPromptsDataModule, ToxicityEvaluation
-from test_cli import ROOT, tiny_args
+from test_cli import ROOT, read_test_results, tiny_args
 
 # 3 prompts × 4 samples with known scores
 TOXICITY = [[0.1, 0.6, 0.2, 0.3], [0.05, 0.1, 0.2, 0.4], [0.9, 0.95, 0.2, 0.1]]
@@ -277,13 +277,9 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_detoxi
     checkpoint = torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("reward.", "evaluation.", "policy.base.")) for k in checkpoint["state_dict"])
     main(["test", *args, "--ckpt_path", "last"])
-    results = json.loads((run / "version_0" / "results.json").read_text())
+    results, rows = read_test_results(run / "version_0", set(EXPECTED))
     assert results["prompts"] == 5 and results["samples_per_prompt"] == 3
-    assert set(results["metrics"]) == set(EXPECTED)
-    for metric, values in results["metrics"].items():
-        assert set(values) == {"base", "tailored"} and all(math.isfinite(v) for v in values.values()), metric
     assert "| avg_max_toxicity |" in (run / "version_0" / "results.md").read_text()
-    rows = [json.loads(line) for line in (run / "version_0" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and set(rows[0]) == {"prompt", "tailored", "base"}
     assert set(rows[0]["base"]) == {"responses", "reward", "toxicity", "perplexity"} and len(rows[0]["base"]["responses"]) == 3
     # the file's per-prompt maxima give the logged average max toxicity
@@ -296,16 +292,8 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
     hub, torch_home = tmp_path / "hf" / "hub", tmp_path / "torch"
     tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
 
-    def gpt2(layers: int):
-        def save(path: Path) -> None:
-            config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=32, n_head=2, n_positions=64,
-                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            GPT2LMHeadModel(config).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-        return save
-
     for name, layers in [("gpt2-large", 3), ("gpt2", 2), ("gpt2-xl", 1)]:
-        save_in_hub_cache(hub, name, gpt2(layers))
+        save_in_hub_cache(hub, name, tiny_gpt2_saver(tokenizer, layers, n_positions=64))
     save_in_hub_cache(hub, "bert-base-uncased", lambda path: save_tiny_detoxify(path))
     released = torch_home / "hub" / "checkpoints" / "toxic_original-c1212f89.ckpt"  # where torch.hub keeps the download
     released.parent.mkdir(parents=True)
