@@ -44,7 +44,8 @@ def load_scalars(runs: Sequence[PathLike], tags: Optional[Iterable[str]] = None)
         for tag in accumulator.Tags()["scalars"]:
             if wanted is None or tag in wanted:
                 rows += [(name, tag, e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag)]
-    return pd.DataFrame(rows, columns=["run", "tag", "step", "value", "wall_time"])
+    frame = pd.DataFrame(rows, columns=["run", "tag", "step", "value", "wall_time"])
+    return frame.sort_values(["run", "tag", "step"], kind="stable", ignore_index=True)  # a resumed run's files may load out of order
 
 
 def final_values(scalars: pd.DataFrame, prefix: str = "val/") -> pd.DataFrame:

@@ -49,7 +49,8 @@ def read_test_results(run: Path, metrics: set[str]) -> tuple[dict, list[dict]]:
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # in step order: a resumed run's second event file can sort before the first (same second, lower pid)
+    return {tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)] for tag in events.Tags()["scalars"]}
 
 
 def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
