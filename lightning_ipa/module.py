@@ -84,6 +84,13 @@ class IPAModule(LightningModule):
         self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
         self.reward = reward
         self.algorithm = algorithm or RLOO()
+        rollout_filtered = sampling.top_k > 0 or (sampling.top_p if rollout_top_p is None else rollout_top_p) < 1
+        if rollout_filtered and self.algorithm.kl_estimator != "full":
+            raise ValueError(
+                f"kl_estimator={self.algorithm.kl_estimator!r} estimates KL(tailored ‖ base) from tokens drawn from the tailored "
+                "policy itself, but the rollouts are drawn through top-k/top-p: use kl_estimator='full' (exact), or "
+                "unfiltered rollouts (model.rollout_top_p=1.0 and sampling.top_k=0)"
+            )
         self.algorithm.setup(self.policy.adapter)
         self.evaluation = evaluation or Evaluation()
         self.lr_scheduler = lr_scheduler

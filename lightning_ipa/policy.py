@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,11 @@ class Sampling:
         max_new_tokens: Response length limit in tokens.
         min_new_tokens: EOS is impossible before this many tokens (part of the policy, so the loss sees it too).
         temperature: Divides the combined log-probs; part of the policy's distribution.
-        top_k: Sample among the k most likely tokens only (0: off). A sampling filter, not part of the loss.
-        top_p: Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss.
+        top_k: Sample among the k most likely tokens only, ties with the k-th included (0: off). A sampling
+            filter, not part of the loss (transformers' ``TopKLogitsWarper``).
+        top_p: Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss (transformers'
+            ``TopPLogitsWarper``, applied after top-k).
+        min_tokens_to_keep: Top-k and top-p never keep fewer tokens than this (transformers' ``min_tokens_to_keep``).
     """
 
     max_new_tokens: int = 32
@@ -36,44 +39,82 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_tokens_to_keep: int = 1
 
     def __post_init__(self):
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"need 1 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {self}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.min_tokens_to_keep < 1:
+            raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0 and min_tokens_to_keep >= 1; got {self}")
 
 
-def sample_token(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Exact top-k / top-p sampling of one token per row from log-probs [B, V] → ids [B].
+class Truncated(NamedTuple):
+    """A distribution restricted to the tokens a top-k / top-p filter keeps, renormalised: what is sampled."""
 
-    Same kept set as transformers' TopK then TopP warpers, but without sorting the whole
-    vocabulary: the nucleus is sought among the best ``NUCLEUS_CANDIDATES`` tokens and only
-    rows whose nucleus is wider are fully sorted.
+    ids: Optional[Tensor]  # [B, W] candidate token ids, most likely first (None: the whole vocabulary, W = V)
+    logprobs: Tensor  # [B, W] log-probs of the candidates; −inf for those the filter drops
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One token id per row [B]."""
+        choice = torch.multinomial(self.logprobs.exp(), 1, generator=generator)  # [B, 1]
+        return (choice if self.ids is None else self.ids.gather(-1, choice)).squeeze(-1)
+
+
+def kl_divergence(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Exact KL(p ‖ ref) [...] in nats of two distributions given as log-probs [..., V].
+
+    Σ_v p(v)·(log p(v) − log ref(v)); tokens p gives no mass count 0 (also in the gradient: log-probs
+    are clamped to the lowest float rather than −inf).
+    """
+    lowest = torch.finfo(logprobs.dtype).min
+    return (logprobs.exp() * (logprobs.clamp(min=lowest) - ref_logprobs.clamp(min=lowest))).sum(-1)
+
+
+def truncate(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1) -> Truncated:
+    """The distribution that is sampled: log-probs [B, V] filtered by top-k, then top-p, and renormalised.
+
+    Keeps exactly the set that transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` keep:
+    top-k keeps every token at least as likely as the k-th (ties included); top-p sorts ascending
+    (stably) and drops tokens while the mass up to and including them is ≤ 1 − p, so among equally
+    likely tokens at the boundary the lower ids go first; both keep at least ``min_tokens_to_keep``.
+    (Only a cumulative mass within float rounding of the threshold can differ: we sum in the other order.)
+    Without sorting the vocabulary: the set is sought among the best ``NUCLEUS_CANDIDATES`` tokens
+    (or k, if more), and only if its boundary reaches past them is the whole vocabulary ranked.
     """
     vocab = logprobs.shape[-1]
-    k = min(top_k or vocab, vocab)
+    k = min(max(top_k, min_tokens_to_keep), vocab) if top_k else vocab
     if k == vocab and top_p >= 1.0:
-        return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-    width = k if k < vocab else min(vocab, NUCLEUS_CANDIDATES)
-    values, ids = logprobs.topk(width, dim=-1)  # sorted, best first
-    probs = values.exp()
-    probs = probs / probs.sum(-1, keepdim=True) if k < vocab else probs  # renormalise within top-k
-    cumulative = probs.cumsum(-1)
-    keep = cumulative - probs < top_p  # mass strictly before a token < p (never empty)
-    choice = torch.multinomial(probs * keep, 1, generator=generator).squeeze(-1)
-    tokens = ids.gather(-1, choice[:, None]).squeeze(-1)
-    wider = (cumulative[:, -1] < top_p) & (k == vocab)  # nucleus continues past the candidates
-    if wider.any():
-        tokens[wider] = _full_nucleus(logprobs[wider], top_p, generator)
-    return tokens
+        return Truncated(None, logprobs)
+    width = min(vocab, max(NUCLEUS_CANDIDATES, k + 1, min_tokens_to_keep))
+    truncated, decided = _truncate_ranked(*_ranked(logprobs, width), vocab, k, top_p, min_tokens_to_keep)
+    if not decided.all():  # a boundary past the candidates: rank the whole vocabulary (rare)
+        truncated, _ = _truncate_ranked(*_ranked(logprobs, vocab), vocab, k, top_p, min_tokens_to_keep)
+    return truncated
 
 
-def _full_nucleus(logprobs: Tensor, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
-    probs, ids = logprobs.exp().sort(dim=-1, descending=True)
-    keep = probs.cumsum(-1) - probs < top_p
-    choice = torch.multinomial(probs * keep, 1, generator=generator)
-    return ids.gather(-1, choice).squeeze(-1)
+def _ranked(logprobs: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The ``width`` most likely tokens [B, W] (values, ids): by log-prob descending, equal log-probs by id descending."""
+    values, ids = logprobs.topk(width, dim=-1)
+    ids, order = ids.sort(dim=-1, descending=True)
+    values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, order)
+
+
+def _truncate_ranked(values: Tensor, ids: Tensor, vocab: int, k: int, top_p: float, min_keep: int) -> tuple[Truncated, Tensor]:
+    """Top-k then top-p over ranked candidates [B, W]; also [B] whether each row's kept set is certain from them alone."""
+    decided = torch.full_like(values[:, 0], values.shape[-1] == vocab, dtype=torch.bool)
+    if k < vocab:  # top-k: drop what is less likely than the k-th, renormalise the rest
+        kth = values[:, k - 1 : k]
+        decided |= values[:, -1] < kth[:, 0]  # the k-th value's ties all lie among the candidates
+        values = values.masked_fill(values < kth, float("-inf")).log_softmax(-1)
+    if top_p < 1.0:  # top-p: drop a token once the mass ranked before it reaches p
+        probs = values.exp()
+        keep = probs.cumsum(-1) - probs < top_p
+        keep[:, :min_keep] = True
+        if k == vocab:  # certain if the tokens strictly more likely than the last candidate hold p already
+            decided |= (probs * (values > values[:, -1:])).sum(-1) >= top_p
+        values = values.masked_fill(~keep, float("-inf"))
+    return Truncated(ids, values.log_softmax(-1)), decided
 
 
 def _pick(logprobs: Tensor, token: Tensor, alive: Tensor) -> Tensor:
@@ -135,7 +176,9 @@ class TailoredPolicy(nn.Module):
         With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
         k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
         An adapter with control codes samples with code 0 (see ``Adapter.add_controls``).
-        ``for_training=False`` (evaluation) keeps neither the base's [B, T, V] log-probs nor hidden states.
+        With ``for_training`` the rollout also carries, per response token, the base's log-prob and the
+        exact KL(tailored ‖ base) of the full distributions (see ``Rollout``), the base's [B, T, V]
+        log-probs and the adapter's hidden states; evaluation (``for_training=False``) keeps none of them.
         """
         s, k = self.sampling, samples_per_prompt
         top_p = s.top_p if top_p is None else top_p
@@ -157,13 +200,16 @@ class TailoredPolicy(nn.Module):
         steps: list[tuple[Tensor, ...]] = []
         for t in range(s.max_new_tokens):
             adapter_logits = self.adapter.head(hidden) if use_adapter else None
-            logprobs = self.distribution(base_lp, adapter_logits, t)
+            logprobs = self.distribution(base_lp, adapter_logits, t)  # [B, V] the tailored policy π
+            sampled = truncate(logprobs, s.top_k, top_p, s.min_tokens_to_keep)  # what is drawn from: π after top-k/top-p
             real = alive  # rows still generating; finished rows get padding
-            token = sample_token(logprobs, s.top_k, top_p, generator).masked_fill(~real, self.pad_id)
-            token_lp = _pick(logprobs, token, real)
-            reference_lp = _pick(self.distribution(base_lp, None, t), token, real) if use_adapter else token_lp
-            kept = (base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)) if for_training else ()
-            steps.append((token, real, token_lp, reference_lp, *kept))
+            token = sampled.sample(generator).masked_fill(~real, self.pad_id)
+            step = [token, real, _pick(logprobs, token, real)]
+            if for_training:
+                ref_logprobs = self.distribution(base_lp, None, t) if use_adapter else logprobs  # [B, V] the base alone
+                kl = kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0)  # exact, from the full distributions
+                step += [_pick(ref_logprobs, token, real), kl, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)]
+            steps.append(tuple(step))
             alive = real & (token != self.eos_id)
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
@@ -174,9 +220,9 @@ class TailoredPolicy(nn.Module):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
-        tokens, masks, token_lps, reference_lps, *kept = (torch.stack(x, dim=1) for x in zip(*steps))
-        base_lps, hiddens = kept if for_training else (None, None)
-        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, reference_lps, base_lps, hiddens, control)
+        tokens, masks, token_lps, *kept = (torch.stack(x, dim=1) for x in zip(*steps))
+        ref_lps, kls, base_lps, hiddens = kept if for_training else (None,) * 4
+        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, ref_lps, kls, base_lps, hiddens, control)
 
     def with_base_logprobs(self, rollout: Rollout) -> Rollout:
         """The rollout with the base's log-probs, which responses replayed from a pool lack.
@@ -208,11 +254,9 @@ class TailoredPolicy(nn.Module):
             base_lp = rollout.base_logprobs[r, t]
             logprobs = self.distribution(base_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
-            finite, probs = logprobs.clamp(min=lowest), logprobs.exp()
-            entropy = -(probs * finite).sum(-1)
-            entropies.append(entropy)
+            entropies.append(-(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1))
             if with_kl:
-                kls.append(-entropy - (probs * self.distribution(base_lp, None, t).clamp(min=lowest)).sum(-1))
+                kls.append(kl_divergence(logprobs, self.distribution(base_lp, None, t)))
         kl = _unpack(torch.cat(kls), real) if with_kl else None
         return PolicyEval(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
 

@@ -22,23 +22,26 @@ class Prompts(NamedTuple):
 class Rollout(NamedTuple):
     """Samples of the tailored policy and everything training needs from the sampling pass.
 
-    Responses replayed from a data pool (Quark) carry token ids, masks and control codes only:
-    the sampling-time fields are None until ``TailoredPolicy.with_base_logprobs`` has the base read them.
+    ``kl`` is exact at each position: KL(π ‖ p_base) = Σ_v π(v)·(log π(v) − log p_base(v)) of the full
+    distributions of the tailored policy π and the base (same temperature and bans), computed while
+    sampling: ≥ 0, 0 where the adapter has not moved π from the base, with no sampling noise at a
+    position and unaffected by top-k/top-p (filters of what is drawn, not part of π). With unfiltered
+    rollouts, ``kl.sum(-1)`` averages to the sequence-level KL(π ‖ base) (chain rule); with filtered
+    ones it is the KL at the states the filtered policy visits. Responses replayed from a data pool (Quark)
+    carry token ids, masks and control codes only: the sampling-time fields are None
+    (``TailoredPolicy.with_base_logprobs`` has the base read its log-probs).
     """
 
     prompt_ids: Tensor  # [B, P] left-padded
     prompt_mask: Tensor  # [B, P]
     response_ids: Tensor  # [B, T] right-padded with the pad id
     response_mask: Tensor  # [B, T] 1 = generated token (the final EOS included)
-    logprobs: Optional[Tensor]  # [B, T] tailored log-prob of each response token
-    reference_logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the base alone (same temperature)
+    logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the tailored policy π (unfiltered: what the loss re-scores)
+    ref_logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the base alone (same temperature and bans)
+    kl: Optional[Tensor]  # [B, T] exact KL(π ‖ base) in nats of the full distributions at each position, 0 on padding
     base_logprobs: Optional[Tensor]  # [B, T, V] base log-softmax at each response position
     hidden: Optional[Tensor]  # [B, T, H] adapter's last hidden state where each token was chosen
     control: Optional[Tensor] = None  # [B] the adapter's control code (Adapter.add_controls); None without codes
-
-    @property
-    def kl(self) -> Tensor:  # [B, T] per-token log-ratio tailored/base (k1 estimator), 0 on padding
-        return (self.logprobs - self.reference_logprobs) * self.response_mask
 
 
 class PolicyEval(NamedTuple):

@@ -78,15 +78,18 @@ def test_adaptive_kl_coefficient():
 
 
 def fake_rollout(batch=8, length=5, vocab=11, hidden=6) -> Rollout:
+    """Tokens drawn from an unfiltered policy π near a random base, with every sampling-time field."""
     torch.manual_seed(0)
     lengths = torch.randint(1, length + 1, (batch,))
     mask = (torch.arange(length)[None] < lengths[:, None]).long()
     base = torch.randn(batch, length, vocab).log_softmax(-1)
-    ids = torch.randint(0, vocab, (batch, length))
+    policy = (base + 0.3 * torch.randn(batch, length, vocab)).log_softmax(-1)
+    ids = torch.distributions.Categorical(logits=policy).sample()
+    logprobs = policy.gather(-1, ids[..., None]).squeeze(-1) * mask
     reference = base.gather(-1, ids[..., None]).squeeze(-1) * mask
-    logprobs = (reference + 0.1) * mask
+    kl = (policy.exp() * (policy - base)).sum(-1) * mask
     prompt = torch.ones(batch, 2, dtype=torch.long)
-    return Rollout(prompt, prompt, ids, mask, logprobs, reference, base, torch.randn(batch, length, hidden))
+    return Rollout(prompt, prompt, ids, mask, logprobs, reference, kl, base, torch.randn(batch, length, hidden))
 
 
 def test_ppo_prepare_and_loss_at_the_sampling_policy():
@@ -144,7 +147,7 @@ def test_reward_quantiles_against_hand_computed_values():
 def pool_rollout(prompt: list[list[int]], response: list[list[int]]) -> Rollout:
     """A rollout of token ids only; 0 is padding (left in prompts, right in responses)."""
     prompt_ids, response_ids = torch.tensor(prompt), torch.tensor(response)
-    return Rollout(prompt_ids, (prompt_ids > 0).long(), response_ids, (response_ids > 0).long(), None, None, None, None)
+    return Rollout(prompt_ids, (prompt_ids > 0).long(), response_ids, (response_ids > 0).long(), *[None] * 5)
 
 
 def test_pool_keeps_the_newest_samples_and_aligns_their_padding():

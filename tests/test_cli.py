@@ -59,6 +59,7 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     logged = scalars(run)
     for tag in ["train/reward", "train/kl", "loss/policy", "lr-AdamW/pg1", "train/coverage"]:
         assert tag in logged, tag
+    assert logged["train/kl"][0] == 0.0 and min(logged["train/kl"]) >= 0  # exact KL: 0 at the zero-initialised start
     for metric in ["reward", "coverage", "distinct_2", "corpus_distinct_2"]:
         for policy in ["tailored", "base"]:
             assert f"val/{metric}/{policy}" in logged
@@ -129,6 +130,11 @@ def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
 def test_bad_rollout_top_p_says_what_is_allowed(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match=r"rollout_top_p must be in \(0, 1\]"):
         main(["fit", *tiny_args(tiny_llama, tmp_path), "--model.rollout_top_p=1.5"])
+
+
+def test_a_sampled_kl_estimator_with_filtered_rollouts_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="kl_estimator='k1' estimates KL.*drawn through top-k/top-p"):
+        main(["fit", *tiny_args(tiny_llama, tmp_path), "--model.algorithm.init_args.kl_estimator=k1"])
 
 
 def test_help_shows_documented_knobs():

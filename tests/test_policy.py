@@ -1,51 +1,137 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_ipa.policy import NUCLEUS_CANDIDATES, sample_token
+from lightning_ipa.policy import NUCLEUS_CANDIDATES, kl_divergence, truncate
 from lightning_ipa.types import position_ids
 
 PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
 
 
-def hf_kept(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The tokens transformers' warpers keep (top-k, then top-p), as a bool mask."""
+def hf_kept(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """The tokens transformers' warpers keep (``TopKLogitsWarper`` then ``TopPLogitsWarper``, as ``generate`` orders them)."""
     scores = logits.clone()
     if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
+        scores = TopKLogitsWarper(top_k, min_tokens_to_keep=min_tokens_to_keep)(None, scores)
     if top_p < 1:
-        scores = TopPLogitsWarper(top_p)(None, scores)
+        scores = TopPLogitsWarper(top_p, min_tokens_to_keep=min_tokens_to_keep)(None, scores)
     return scores > float("-inf")
+
+
+def kept(truncated, vocab: int) -> torch.Tensor:
+    """Our kept set as a [B, V] mask."""
+    finite = truncated.logprobs > float("-inf")
+    return finite if truncated.ids is None else torch.zeros(len(finite), vocab, dtype=torch.bool).scatter(-1, truncated.ids, finite)
 
 
 @pytest.mark.parametrize(
     "vocab,top_k,top_p,scale",
     [
         (5000, 0, 0.9, 3.0),  # nucleus inside the candidates
-        (5000, 0, 0.95, 0.01),  # near-flat: nucleus wider than the candidates, full-sort fallback
+        (5000, 0, 0.95, 0.01),  # near-flat: nucleus wider than the candidates, full ranking
         (5000, 50, 0.8, 1.0),  # top-k then top-p
+        (5000, 2000, 0.99, 0.01),  # top-k wider than the candidates
         (300, 0, 0.7, 2.0),  # vocabulary smaller than the candidate window
     ],
 )
-def test_sample_token_keeps_exactly_the_transformers_nucleus(vocab, top_k, top_p, scale):
+def test_truncation_keeps_exactly_the_transformers_set_and_samples_it(vocab, top_k, top_p, scale):
     torch.manual_seed(0)
     logprobs = (torch.randn(4, vocab) * scale).log_softmax(-1)
-    kept = hf_kept(logprobs, top_k, top_p)
-    draws = sample_token(logprobs.repeat_interleave(3000, 0), top_k, top_p, torch.Generator().manual_seed(0)).view(4, 3000)
+    expected = hf_kept(logprobs, top_k, top_p)
+    truncated = truncate(logprobs, top_k, top_p)
+    assert torch.equal(kept(truncated, vocab), expected)
+    renormalised = logprobs.masked_fill(~expected, float("-inf")).log_softmax(-1)
+    ours = torch.full_like(logprobs, float("-inf"))
+    ours = ours.scatter(-1, truncated.ids, truncated.logprobs) if truncated.ids is not None else truncated.logprobs
+    assert torch.allclose(ours.exp(), renormalised.exp(), atol=1e-6)
+    draws = truncated._replace(ids=None if truncated.ids is None else truncated.ids.repeat_interleave(3000, 0),
+                               logprobs=truncated.logprobs.repeat_interleave(3000, 0)).sample(torch.Generator().manual_seed(0)).view(4, 3000)
     for row in range(4):
-        sampled = torch.zeros(vocab, dtype=torch.bool)
-        sampled[draws[row]] = True
-        assert not (sampled & ~kept[row]).any(), "sampled a token outside the nucleus"
-        # the most likely kept tokens are sampled with their renormalised probability
-        probs = logprobs[row].exp() * kept[row]
-        probs /= probs.sum()
-        top = probs.argmax()
+        assert expected[row, draws[row]].all(), "sampled a token outside the kept set"
+        probs = renormalised[row].exp()
+        top = probs.argmax()  # the most likely kept token is drawn with its renormalised probability
         freq = (draws[row] == top).float().mean()
         assert abs(freq - probs[top]) < 4 * (probs[top] * (1 - probs[top]) / draws.shape[1]).sqrt() + 1e-3
-    if scale == 0.01:
-        assert kept.sum(-1).min() > NUCLEUS_CANDIDATES  # the fallback path was exercised
+    if scale == 0.01 and not top_k:
+        assert expected.sum(-1).min() > NUCLEUS_CANDIDATES  # the full ranking was exercised
+
+
+TIES = [  # (probabilities, top_k, top_p, min_tokens_to_keep): exact binary fractions, so sums do not round
+    ([0.4, 0.2, 0.2, 0.2], 2, 1.0, 1),  # transformers keeps all four: every token as likely as the 2nd
+    ([0.4, 0.2, 0.2, 0.2], 0, 0.5, 1),  # the nucleus takes one 0.2: the highest id (stable ascending sort)
+    ([0.2, 0.2, 0.4, 0.2], 0, 0.5, 1),
+    ([0.2, 0.2, 0.4, 0.2], 0, 0.5, 3),  # min_tokens_to_keep overrides the nucleus
+    ([0.5, 0.25, 0.125, 0.125], 0, 0.75, 1),  # mass before the 3rd token is exactly p: dropped
+    ([0.25, 0.25, 0.25, 0.25], 3, 0.5, 1),  # top-k (all four: ties) then top-p over them
+    ([0.5, 0.25, 0.125, 0.125], 1, 1.0, 2),  # min_tokens_to_keep raises k
+]
+
+
+@pytest.mark.parametrize("probs,top_k,top_p,min_keep", TIES)
+def test_ties_at_the_boundary_keep_what_transformers_keeps(probs, top_k, top_p, min_keep):
+    logprobs = torch.tensor([probs]).log()
+    assert torch.equal(kept(truncate(logprobs, top_k, top_p, min_keep), 4), hf_kept(logprobs, top_k, top_p, min_keep))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (7, 1.0), (20, 0.63)])  # no cumulative mass lands on p itself
+def test_many_ties_across_the_candidate_window(monkeypatch, top_k, top_p):
+    """Log-probs on a coarse grid (ties everywhere) and a candidate window that cuts through a tie.
+
+    ``TopPLogitsWarper`` sorts with ``torch.sort``, whose order among equal values is unspecified (on CPU
+    it is stable up to 16 elements and not beyond), so which of several equally likely tokens at the
+    boundary it drops is an accident of the sort. We drop the lowest ids first: exactly transformers'
+    set when its sort is stable, and otherwise the same number of tokens with the same probabilities.
+    """
+    monkeypatch.setattr("lightning_ipa.policy.NUCLEUS_CANDIDATES", 16)
+    torch.manual_seed(1)
+    logprobs = (torch.randint(0, 6, (64, 200)).float() * 0.5).log_softmax(-1)
+    ours = kept(truncate(logprobs, top_k, top_p), 200)
+    theirs = hf_kept(logprobs, top_k, top_p)
+    assert torch.equal(ours.sum(-1), theirs.sum(-1))
+    for row in range(len(logprobs)):
+        assert torch.equal(logprobs[row][ours[row]].sort().values, logprobs[row][theirs[row]].sort().values)
+    unstable_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: unstable_sort(*args, **kwargs, stable=True))
+    assert torch.equal(ours, hf_kept(logprobs, top_k, top_p))  # transformers' own warpers, their sort made stable
+
+
+def test_kl_divergence_by_hand():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    ref = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    expected = 0.5 * math.log(2) + 2 * 0.25 * math.log(1)  # the token p never draws counts 0
+    assert math.isclose(kl_divergence(p.log(), ref.log()).item(), expected, rel_tol=1e-6)
+    logits = torch.tensor([[1.0, 0.0, -1.0, float("-inf")]], requires_grad=True)
+    kl_divergence(logits.log_softmax(-1), ref.log()).sum().backward()
+    assert torch.isfinite(logits.grad).all()  # −inf log-probs leak no NaN into the gradient
+
+
+@pytest.mark.parametrize("top_p", [0.5, 1.0])
+def test_rollout_kl_is_the_exact_kl_and_never_negative(policy_factory, top_p):
+    """An adapter pushing away from the base (projection −0.7·I; issue 16's case at top-p 0.5).
+
+    The sampled log-ratio log π(x) − log p_base(x) of tokens drawn through a top-p filter (what
+    ``train/kl`` logged before) is negative here, although π is far from the base. ``Rollout.kl`` is the
+    exact per-position KL(π ‖ base): ≥ 0, equal to what the loss computes (``evaluate(with_kl=True)``),
+    and, for unfiltered rollouts, equal in the mean to the Monte-Carlo sequence KL (trl's k1 estimator).
+    """
+    policy = policy_factory(head="projection", top_p=top_p, max_new_tokens=8, min_new_tokens=8)
+    with torch.no_grad():
+        policy.adapter.head.projection.weight.copy_(-0.7 * torch.eye(policy.adapter.hidden_size))
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(0), samples_per_prompt=100)
+    mask = rollout.response_mask
+    exact = rollout.kl.sum(-1)  # [B] what train/kl averages
+    with torch.no_grad():
+        assert torch.allclose(rollout.kl, policy.evaluate(rollout, with_kl=True).kl, atol=1e-4)
+    assert (rollout.kl >= 0).all() and exact.mean() > 5.0
+    log_ratio = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1
+    if top_p < 1:
+        assert log_ratio.mean() < 0  # the old train/kl: not a KL
+    else:
+        assert abs(log_ratio.mean() - exact.mean()) < 4 * (log_ratio - exact).std() / len(exact) ** 0.5
 
 
 def test_alpha_zero_is_the_base_distribution(policy_factory):
@@ -127,7 +213,7 @@ def test_k_samples_per_prompt_read_each_prompt_once(policy_factory):
     assert torch.equal(shared.prompt_ids, repeated.prompt_ids) and torch.equal(shared.prompt_mask, repeated.prompt_mask)
     assert torch.equal(shared.response_ids, repeated.response_ids)
     assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
-    assert torch.allclose(shared.reference_logprobs, repeated.reference_logprobs, atol=1e-5)
+    assert torch.allclose(shared.ref_logprobs, repeated.ref_logprobs, atol=1e-5)
     assert torch.allclose(policy.evaluate(shared).logprobs, shared.logprobs, atol=1e-4)
     evaluation = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(5), samples_per_prompt=3, for_training=False)
     assert torch.equal(evaluation.response_ids, shared.response_ids)  # the same draws, without the [B, T, V] tensors
@@ -246,7 +332,7 @@ def test_a_replayed_rollout_gets_the_bases_log_probs_in_one_pass(policy_factory)
     nn.init.normal_(policy.adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(4))
     assert policy.with_base_logprobs(rollout) is rollout  # sampled now: nothing to compute
-    replayed = policy.with_base_logprobs(rollout._replace(logprobs=None, reference_logprobs=None, base_logprobs=None, hidden=None))
+    replayed = policy.with_base_logprobs(rollout._replace(logprobs=None, ref_logprobs=None, kl=None, base_logprobs=None, hidden=None))
     real = rollout.response_mask.bool()
     assert torch.allclose(replayed.base_logprobs[real], rollout.base_logprobs[real], atol=1e-4)
     fresh, replay = policy.evaluate(rollout, with_kl=True), policy.evaluate(replayed, with_kl=True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..adapters import Adapter
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean, select
-from .functional import adaptive_kl_coef
+from .functional import KLEstimator, adaptive_kl_coef, kl_penalty
 
 
 class Algorithm(nn.Module, ABC):
@@ -29,6 +29,7 @@ class Algorithm(nn.Module, ABC):
         kl_target: Optional[float],
         kl_horizon: int,
         kl_loss_coef: float,
+        kl_estimator: KLEstimator = "full",
     ):
         super().__init__()
         self.samples_per_prompt = samples_per_prompt
@@ -37,6 +38,7 @@ class Algorithm(nn.Module, ABC):
         self.kl_target = kl_target
         self.kl_horizon = kl_horizon
         self.kl_loss_coef = kl_loss_coef
+        self.kl_estimator = kl_estimator
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
 
     @property
@@ -62,6 +64,10 @@ class Algorithm(nn.Module, ABC):
             loss = loss + self.kl_loss_coef * stats["kl"]
         return LossOutput(loss, detached(stats))
 
+    def kl_penalty(self, rollout: Rollout) -> Tensor:
+        """Per-token KL(tailored ‖ base) [B, T] that the return is penalised with (``kl_estimator``)."""
+        return kl_penalty(rollout.logprobs, rollout.ref_logprobs, rollout.kl, rollout.response_mask, self.kl_estimator)
+
     def metrics(self) -> dict[str, Tensor]:
         """The algorithm's state worth watching, logged as ``train/<name>`` after each RL step."""
         return {"kl_coef": self.kl_coef}
@@ -78,7 +84,8 @@ class Algorithm(nn.Module, ABC):
 
     @torch.no_grad()
     def update_kl_coef(self, kl: Tensor, n_samples: int) -> None:
-        """Adapt the KL coefficient towards ``kl_target`` (fixed when it is None)."""
+        """Adapt the KL coefficient towards ``kl_target`` (fixed when it is None), given the rollout's mean exact
+        sequence KL ``kl`` (``Rollout.kl.sum(-1).mean()``: what ``train/kl`` logs, whatever the penalty's estimator)."""
         if self.kl_target is not None:
             self.kl_coef.copy_(adaptive_kl_coef(self.kl_coef, kl, self.kl_target, self.kl_horizon, n_samples))
 

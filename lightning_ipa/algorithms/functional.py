@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,6 +18,33 @@ class Advantages(NamedTuple):
 class ClippedLoss(NamedTuple):
     loss: Tensor  # []
     clip_fraction: Tensor  # [] share of tokens where the clipped term was taken
+
+
+KLEstimator = Literal["full", "k1", "k3", "abs", "mse"]
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, exact_kl: Tensor, mask: Tensor, estimator: KLEstimator = "full") -> Tensor:
+    """Per-token KL(π ‖ base) penalty [B, T], 0 on padding.
+
+    trl's estimators (``PPOTrainer._kl_penalty``: ``kl`` = k1, ``abs``, ``mse``, ``full``; ``RLOOTrainer``'s
+    ``kl_estimator`` k3, after Schulman's note "Approximating KL divergence"), with the sampled token's
+    log-ratio r = log π(x) − log p_base(x): ``full``: Σ_v π(v)·(log π(v) − log p_base(v)), exact (≥ 0, no
+    sampling noise: ``exact_kl``); ``k1``: r (unbiased, can be negative); ``k3``: (e^(−r) − 1) + r (unbiased,
+    ≥ 0); ``abs``: |r|; ``mse``: r²/2 (biased, ≥ 0). The sampled ones estimate KL(π ‖ base) only for tokens
+    drawn from π itself, i.e. rollouts without top-k/top-p (``IPAModule`` refuses the combination).
+
+    Args:
+        logprobs: [B, T] log π of the sampled tokens.
+        ref_logprobs: [B, T] log p_base of the sampled tokens.
+        exact_kl: [B, T] exact per-position KL(π ‖ base) (``Rollout.kl``).
+        mask: [B, T] 1 on response tokens.
+        estimator: One of 'full', 'k1', 'k3', 'abs', 'mse'.
+    """
+    r = logprobs - ref_logprobs
+    estimates = {"full": lambda: exact_kl, "k1": lambda: r, "k3": lambda: torch.expm1(-r) + r, "abs": r.abs, "mse": lambda: 0.5 * r.square()}
+    if estimator not in estimates:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {sorted(estimates)}")
+    return estimates[estimator]() * mask
 
 
 def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..adapters import Adapter
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean
 from .base import Algorithm
-from .functional import clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
+from .functional import KLEstimator, clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
 
 
 class PPO(Algorithm):
@@ -30,6 +30,7 @@ class PPO(Algorithm):
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
         kl_loss_coef: float = 0.0,
+        kl_estimator: KLEstimator = "full",
     ):
         """
         Args:
@@ -47,8 +48,12 @@ class PPO(Algorithm):
             kl_horizon: Horizon (samples) of the adaptive KL controller.
             kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
                 full distributions at each position (no sampling noise, unlike the sampled KL in the rewards).
+            kl_estimator: How the return's KL penalty is estimated per token (trl's names): 'full', exact
+                from the full distributions (≥ 0, no sampling noise); 'k1', 'k3', 'abs' or 'mse' from the
+                sampled token's log-ratio (unfiltered rollouts only). The adaptive controller and ``train/kl``
+                always read the exact KL.
         """
-        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
+        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef, kl_estimator)
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.value_coef = value_coef
@@ -68,7 +73,7 @@ class PPO(Algorithm):
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
         mask = rollout.response_mask
         values = self.values(rollout.hidden, mask).detach()
-        rewards = token_rewards(scores, rollout.kl, mask, self.kl_coef)
+        rewards = token_rewards(scores, self.kl_penalty(rollout), mask, self.kl_coef)
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         self.update_kl_coef(rollout.kl.sum(-1).mean(), len(scores))
         return Experience(rollout, whiten(advantages, mask), returns, values)

@@ -52,7 +52,7 @@ class DataPool:
         response_end = int(response_mask.any(0).sum())
         fields = (prompt_ids[:, prompt_start:], prompt_mask[:, prompt_start:], response_ids[:, :response_end], response_mask[:, :response_end])
         prompt_ids, prompt_mask, response_ids, response_mask = (x.to(device) for x in fields)
-        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, None, None, None, None, control.to(device))
+        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, None, None, None, None, None, control.to(device))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {**self.data, "rewards": self.rewards}
@@ -136,7 +136,10 @@ class Quark(Algorithm):
 
     def metrics(self) -> dict[str, Tensor]:
         best = self.pool.rewards[reward_quantiles(self.pool.rewards, self.quantiles) == 0]
-        return {**super().metrics(), "pool_size": torch.tensor(float(len(self.pool))), "best_quantile_min_reward": best.min()}
+        metrics = {**super().metrics(), "pool_size": torch.tensor(float(len(self.pool)))}
+        if len(best):  # quantile 0 stays empty while the pool holds fewer samples than there are quantiles
+            metrics["best_quantile_min_reward"] = best.min()
+        return metrics
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.pool.state_dict()

@@ -8,13 +8,14 @@ from torch import Tensor
 
 from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean
 from .base import Algorithm
-from .functional import clipped_policy_loss, leave_one_out_advantages
+from .functional import KLEstimator, clipped_policy_loss, leave_one_out_advantages
 
 
 class RLOO(Algorithm):
     """RLOO (Ahmadian et al. 2024): advantage = return − mean return of the prompt's other samples.
 
-    The return is the sequence's score minus ``kl_coef``·KL(tailored ‖ base) of the sequence;
+    The return is the sequence's score minus ``kl_coef``·KL(tailored ‖ base) of the sequence (estimated per
+    token by ``kl_estimator``, summed);
     each token of a sequence shares its advantage. With ``epochs`` > 1 the ratio is clipped as in PPO.
     ``kl_loss_coef`` adds the exact per-token KL to the loss instead (or as well).
     """
@@ -30,6 +31,7 @@ class RLOO(Algorithm):
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
         kl_loss_coef: float = 0.0,
+        kl_estimator: KLEstimator = "full",
     ):
         """
         Args:
@@ -43,18 +45,21 @@ class RLOO(Algorithm):
             kl_horizon: Horizon (samples) of the adaptive KL controller.
             kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
                 full distributions at each position (no sampling noise, unlike the sampled KL in the return).
+            kl_estimator: How the return's KL penalty is estimated per token (trl's names): 'full', exact
+                from the full distributions (≥ 0, no sampling noise); 'k1', 'k3', 'abs' or 'mse' from the
+                sampled token's log-ratio (unfiltered rollouts only). The adaptive controller and ``train/kl``
+                always read the exact KL.
         """
         if samples_per_prompt < 2:
             raise ValueError(f"RLOO needs samples_per_prompt >= 2 for a leave-one-out baseline, got {samples_per_prompt}")
-        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef)
+        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef, kl_estimator)
         self.clip_range = clip_range
         self.entropy_coef = entropy_coef
 
     def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
-        sequence_kl = rollout.kl.sum(-1)
-        returns = scores - self.kl_coef * sequence_kl
+        returns = scores - self.kl_coef * self.kl_penalty(rollout).sum(-1)
         advantages = leave_one_out_advantages(returns, self.samples_per_prompt)
-        self.update_kl_coef(sequence_kl.mean(), len(scores))
+        self.update_kl_coef(rollout.kl.sum(-1).mean(), len(scores))
         return Experience(rollout, advantages[:, None] * rollout.response_mask)
 
     def loss(self, evaluation: PolicyEval, experience: Experience) -> LossOutput:
