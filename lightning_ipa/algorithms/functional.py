@@ -107,7 +107,16 @@ def adaptive_kl_coef(coef: Tensor, kl: Tensor, target: float, horizon: int, n_sa
 
 
 def reward_quantiles(rewards: Tensor, n: int) -> Tensor:
-    """Quark's quantile of each reward [N]: 0 for the best N/n, …, n−1 for the worst (ties by order)."""
-    rank = torch.empty_like(rewards, dtype=torch.long)
+    """Quark's quantile of each reward [N] as a LongTensor [N]: 0 for the best, …, n−1 for the worst.
+
+    As GXimingLu/Quark ``data_pool.py`` ``DataPool.add`` assigns them (IPA's ``data_pool.py`` is the same
+    code): sort by reward, best first, with ties in the order given (Python's stable ``sorted``; the pool is
+    oldest first), put ⌊N/n⌋ samples in each quantile from the best down and the remaining N mod n in the
+    worst, n−1. So with N < n every sample is in the worst quantile and quantile 0 is empty.
+    """
+    rank = torch.empty_like(rewards, dtype=torch.long)  # [N] 0 = the best
     rank[rewards.argsort(descending=True, stable=True)] = torch.arange(len(rewards), device=rewards.device)
-    return rank * n // len(rewards)
+    per_quantile = len(rewards) // n
+    if per_quantile == 0:
+        return torch.full_like(rank, n - 1)
+    return (rank // per_quantile).clamp(max=n - 1)
