@@ -73,13 +73,19 @@ def kl_divergence(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def truncate(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1) -> Truncated:
     """The distribution that is sampled: log-probs [B, V] filtered by top-k, then top-p, and renormalised.
 
-    Keeps exactly the set that transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` keep:
-    top-k keeps every token at least as likely as the k-th (ties included); top-p sorts ascending
-    (stably) and drops tokens while the mass up to and including them is ≤ 1 − p, so among equally
-    likely tokens at the boundary the lower ids go first; both keep at least ``min_tokens_to_keep``.
-    (Only a cumulative mass within float rounding of the threshold can differ: we sum in the other order.)
-    Without sorting the vocabulary: the set is sought among the best ``NUCLEUS_CANDIDATES`` tokens
-    (or k, if more), and only if its boundary reaches past them is the whole vocabulary ranked.
+    The set that transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` keep (as ``generate`` orders
+    them): top-k keeps every token at least as likely as the k-th, ties included; top-p sorts ascending
+    and drops tokens while the mass up to and including them is ≤ 1 − p; both keep at least
+    ``min_tokens_to_keep``. Among equally likely tokens at the nucleus boundary we drop the lowest ids
+    first: transformers' result whenever its ``torch.sort`` is stable (on CPU, up to 16 tokens); beyond,
+    that order is unspecified and it keeps as many tokens of the same probability, perhaps other ids.
+    A cumulative mass within float rounding of the threshold can also fall the other way (we sum in
+    the other order). Without sorting the vocabulary: the set is sought among the best
+    ``NUCLEUS_CANDIDATES`` tokens (or k + 1, if more), and only if its boundary reaches past them is the
+    whole vocabulary ranked.
+
+    Returns:
+        ``Truncated``: the kept candidates' ids and renormalised log-probs ([B, W]; ids None when nothing is filtered).
     """
     vocab = logprobs.shape[-1]
     k = min(max(top_k, min_tokens_to_keep), vocab) if top_k else vocab
