@@ -96,8 +96,16 @@ class TestResults(Callback):
 
     Written atomically into the run's log directory, beside the TensorBoard events:
     ``results.json``, ``results.md`` and ``generations.jsonl`` (one row per prompt: its k samples per
-    policy with their scores; one file per rank under DDP).
+    policy with their scores; one file per rank under DDP). Each metric's convention (its ``convention``
+    line: reference, tokenisation, denominator) is a column of results.md and ``conventions`` in results.json.
     """
+
+    @staticmethod
+    def conventions(pl_module: LightningModule) -> dict[str, str]:
+        """Each test metric's one-line convention by name (the tailored policy's metrics; the base's are the same kind)."""
+        metrics = getattr(pl_module, "metrics", {})
+        tested = metrics["test_tailored"] if "test_tailored" in metrics else {}
+        return {name: str(getattr(metric, "convention", "")) for name, metric in tested.items()}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
@@ -112,10 +120,13 @@ class TestResults(Callback):
             metric, _, policy = rest.rpartition("/")
             if stage == "test" and metric:
                 table.setdefault(metric, {})[policy] = float(value)
+        conventions = self.conventions(pl_module)
         results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
-                   "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table}
-        write_text_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")
-        rows = [{"metric": metric, "base": values.get("base", float("nan")), "tailored": values.get("tailored", float("nan"))}
+                   "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table,
+                   "conventions": {metric: conventions.get(metric, "") for metric in table}}
+        write_text_atomic(folder / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        rows = [{"metric": metric, "base": values.get("base", float("nan")), "tailored": values.get("tailored", float("nan")),
+                 "convention": conventions.get(metric, "")}
                 for metric, values in table.items()]
         heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {trainer.ckpt_path}\n\n"
         write_text_atomic(folder / "results.md", heading + markdown_table(rows) + "\n")

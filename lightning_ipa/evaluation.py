@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,48 +52,106 @@ class Evaluation(nn.Module):
         return super().train(False)  # frozen models: dropout stays off
 
 
+PerplexityVariant = Literal["dexperts", "separate"]
+
+
 class Perplexity(nn.Module):
     """Perplexity of each continuation given its prompt under a frozen evaluation LM (fluency).
 
-    The LM reads its own tokenisation of the texts (BOS, prompt, continuation) and scores the
-    continuation's tokens only; a continuation with no token scores NaN.
+    Reference (``variant="dexperts"``, the default): DExperts ``scripts/evaluation/evaluate_generations.py``
+    ``conditional_perplexity`` (Quark's ``perplexity.py`` is the same): the prompt, and prompt + continuation as one
+    string, are each tokenised with no BOS (``add_special_tokens=False``, what GPT-2's ``tokenizer.encode`` does), and
+    perplexity = exp((NLL(full) − NLL(prompt)) / (len(full) − len(prompt))), NLL(x) summing −log p of x's tokens after
+    its first. Tokenised together, the continuation's tokens are not always its own: "The quick br" + "own fox" is read
+    as "The quick brown fox" (the difference above is then of two different readings, as in the reference). Where the
+    full text has no token beyond the prompt's (an empty continuation, or "br" + "own" → "brown") the value is NaN
+    (the reference divides by 0: NaN, or exp(−inf) = 0.0, which it keeps); a one-token prompt is scored with its NLL 0
+    (the reference gets NaN there: HF's mean loss over no token); an empty prompt (the reference fails) is read after
+    the tokenizer's BOS (GPT-2: ``<|endoftext|>``), or, without one, after the continuation's first token. Averages
+    leave out perplexities ≥ 1e4 and NaN (``MeanScore(drop_at_or_above=1e4)``, as DExperts and Quark).
+
+    ``variant="separate"``: this project's earlier convention: BOS (when the tokenizer has one), the prompt's tokens and
+    the continuation's own tokens, tokenised apart; exp(mean NLL of the continuation's tokens). It scores exactly the
+    tokens a policy would have sampled after the prompt.
+
+    Texts are scored in batches of ``batch_size``, right-padded; padding changes no value.
     """
 
-    def __init__(self, name_or_path: str, dtype: BaseDType = "auto", batch_size: int = 32):
+    def __init__(self, name_or_path: str, dtype: BaseDType = "auto", batch_size: int = 32, variant: PerplexityVariant = "dexperts"):
         """
         Args:
             name_or_path: Evaluation LM: hub name (GPT-2 XL, ``gpt2-xl``, in the literature), folder or ``.gguf``.
             dtype: Weights' dtype; 'auto': bfloat16 where the hardware runs it natively, else float32.
             batch_size: Texts per forward pass.
+            variant: 'dexperts' (prompt and continuation tokenised together, no BOS: DExperts/Quark) or 'separate'
+                (BOS, then prompt and continuation tokenised apart).
         """
         super().__init__()
+        if variant not in ("dexperts", "separate"):
+            raise ValueError(f"variant must be 'dexperts' or 'separate', got {variant!r}")
         path = resolve_pretrained(name_or_path)
         self.tokenizer = load_tokenizer(path)
         self.lm = load_causal_lm(path, dtype).requires_grad_(False).eval()
         self.batch_size = batch_size
+        self.variant = variant
+        self.convention = (
+            "DExperts conditional_perplexity: prompt and prompt+continuation tokenised together, no BOS; "
+            "exp((NLL(full) − NLL(prompt)) / (len(full) − len(prompt)))"
+            if variant == "dexperts" else
+            "BOS, then prompt and continuation tokenised apart; exp(mean NLL of the continuation's tokens)"
+        )
 
     @torch.no_grad()
     def forward(self, prompts: list[str], continuations: list[str]) -> Tensor:
         """[N] perplexities (float32, on the LM's device) of ``continuations`` after ``prompts``."""
-        return torch.cat([
-            self._batch(prompts[i : i + self.batch_size], continuations[i : i + self.batch_size])
-            for i in range(0, len(prompts), self.batch_size)
-        ])
-
-    def _batch(self, prompts: list[str], continuations: list[str]) -> Tensor:
-        encode = lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        encode = lambda texts: self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
         bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-        rows = [(bos + p, c) for p, c in zip(encode(prompts), encode(continuations))]
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        scored = torch.zeros_like(ids, dtype=torch.bool)  # [N, L] continuation tokens with a context before them
-        for i, (p, c) in enumerate(rows):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-            scored[i, max(len(p), 1) : len(p) + len(c)] = True
-        ids, mask, scored = (x.to(self.lm.device) for x in (ids, mask, scored))
-        logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [N, L-1]
-        scored = scored[:, 1:]
-        return (nll * scored).sum(-1).div(scored.sum(-1)).exp()  # 0/0 = NaN: nothing to score
+        # each value is (Σ NLL of sequences[a][start_a:] − Σ NLL of sequences[b][start_b:]) / count
+        sequences: list[tuple[list[int], int]] = []  # (token ids, first scored position ≥ 1)
+        terms: list[tuple[int, Optional[int], int]] = []  # (sequence added, sequence subtracted or None, token count)
+        if self.variant == "separate":
+            for p, c in zip(encode(prompts), encode(continuations)):
+                context = bos + p
+                start = max(len(context), 1)
+                sequences.append((context + c, start))
+                terms.append((len(sequences) - 1, None, len(context) + len(c) - start))
+        else:
+            for prompt, p, full in zip(prompts, encode(prompts), encode([p + c for p, c in zip(prompts, continuations)])):
+                if not prompt:  # nothing to condition on: the BOS, else the first token, is the context
+                    p, full = (bos, bos + full) if bos else (full[:1], full)
+                if full[: len(p)] == p:  # the prompt's tokens lead the full text's: NLL(full) − NLL(prompt) is the tail's
+                    sequences.append((full, max(len(p), 1)))
+                    terms.append((len(sequences) - 1, None, len(full) - max(len(p), 1)))
+                else:  # a token straddles the boundary: both sums, as the reference takes them
+                    sequences += [(full, 1), (p, 1)]
+                    terms.append((len(sequences) - 2, len(sequences) - 1, len(full) - len(p)))
+        sums = self._nll_sums(sequences)  # [S] float64
+        values = [
+            (sums[a] - (sums[b] if b is not None else 0.0)) / count if count > 0 else float("nan")
+            for a, b, count in terms
+        ]
+        return torch.tensor(values, dtype=torch.float64).exp().float().to(self.lm.device)
+
+    def _nll_sums(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """Σ −log p(token | the tokens before it) over the tokens of each sequence from its start on, in batches."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths together: less padding
+        sums = [0.0] * len(sequences)
+        for begin in range(0, len(order), self.batch_size):
+            batch = [sequences[i] for i in order[begin : begin + self.batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            if width < 2:  # nothing to predict in any of them
+                continue
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            scored = torch.zeros_like(ids, dtype=torch.bool)  # [B, L] tokens whose NLL counts
+            for row, (tokens, start) in enumerate(batch):
+                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                mask[row, : len(tokens)] = 1
+                scored[row, start : len(tokens)] = True
+            ids, mask, scored = (x.to(self.lm.device) for x in (ids, mask, scored))
+            logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L-1]
+            batch_sums = (nll.double() * scored[:, 1:]).sum(-1).tolist()
+            for i, value in zip(order[begin : begin + self.batch_size], batch_sums):
+                sums[i] = value
+        return sums

@@ -194,16 +194,16 @@ def test_config_reward_is_safety_probability_plus_coherence_with_the_history(tmp
 
 SAFETY = [[0.9, 0.2], [0.5, 0.51], [0.1, 0.95]]
 COHERENCE = [[0.3, 0.5], [-0.1, 0.2], [0.4, 0.6]]
-RESPONSES = [
-    ["no, please do not", "please do not do that"],  # unigrams: no please do not please do not do that → 5 of 9; bigrams 5 of 7
-    ["ok ok", "ok"],  # 1 of 3; 1 of 1
-    ["", "stay safe"],  # 2 of 2; 1 of 1
+RESPONSES = [  # distinct-n as DExperts' distinctness: distinct n-grams ÷ words (split on ' ': "" is one word, "no," one)
+    ["no, please do not", "please do not do that"],  # 9 words; unigrams no, please do not that: 5; bigrams 5
+    ["ok ok", "ok"],  # 3 words; 1; 1
+    ["", "stay safe"],  # 3 words; '' stay safe: 3; 1
 ]
 EXPECTED = {
     "safe_response_rate": 3 / 6,  # 0.9, 0.51, 0.95 (0.5 is not above the threshold)
     "coherence": sum(map(sum, COHERENCE)) / 6,
-    "distinct_1": (5 / 9 + 1 / 3 + 2 / 2) / 3,
-    "distinct_2": (5 / 7 + 1 / 1 + 1 / 1) / 3,
+    "distinct_1": (5 / 9 + 1 / 3 + 3 / 3) / 3,  # 0.6296296296296297 by DExperts evaluate_generations.py distinctness
+    "distinct_2": (5 / 9 + 1 / 3 + 1 / 3) / 3,  # 0.4074074074074074
     "reward": sum(map(sum, SAFETY)) / 6 + sum(map(sum, COHERENCE)) / 6,
 }
 

@@ -169,8 +169,8 @@ EXPECTED = {
     "rouge1": (1 + 0 + 6 / 7 + 6 / 7) / 4,
     "rouge2": (1 + 0 + 0.8 + 0.8) / 4,
     "rougeL": (1 + 0 + 6 / 7 + 6 / 7) / 4,
-    "distinct_1": (10 / 10 + 3 / 5 + 3 / 6) / 3,
-    "distinct_2": (8 / 8 + 2 / 3 + 2 / 4) / 3,
+    "distinct_1": (10 / 10 + 3 / 5 + 3 / 6) / 3,  # DExperts distinctness: distinct n-grams ÷ words (0.7000000000000001)
+    "distinct_2": (8 / 10 + 2 / 5 + 2 / 6) / 3,  # 0.5111111111111112
     "reward": sum(map(sum, FAITHFULNESS)) / 6 + 0.25,
 }
 

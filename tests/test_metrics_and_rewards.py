@@ -17,32 +17,34 @@ def texts(*responses: str, k: int = 1) -> Samples:
 
 
 def test_distinct_n():
+    # the rewards' distinct_ratio: distinct n-grams ÷ n-grams of lower-cased \w+ words (1 − rep-n), unchanged
     assert distinct_ratio("the dog saw the dog", 2) == 3 / 4  # bigrams: the dog ×2, dog saw, saw the
     assert distinct_ratio("The dog.", 2) == 1.0
     assert distinct_ratio("dog", 2) == 0.0
+    # DistinctN: DExperts' distinctness (split on ' ', case kept, distinct n-grams ÷ words); tests/test_metric_references.py pins it
     metric = DistinctN(2)
     metric.update(texts("the dog saw the dog", "a b c"))
     metric.update(texts("x"))
-    assert torch.isclose(metric.compute(), torch.tensor((0.75 + 1.0 + 0.0) / 3))
-    grouped = DistinctN(2)  # k samples of a prompt count together: "the dog" ×3 of 5 bigrams
+    assert torch.isclose(metric.compute(), torch.tensor((3 / 5 + 2 / 3 + 0 / 1) / 3))
+    grouped = DistinctN(2)  # k samples of a prompt count together: 5 distinct bigrams ("The dog" ≠ "the dog") over 8 words
     grouped.update(texts("the dog saw the dog", "The dog ran.", k=2))
-    assert grouped.compute() == pytest.approx(4 / 6)
+    assert grouped.compute() == pytest.approx(5 / 8)
 
 
 def test_corpus_distinct_n_sees_a_shared_template():
     metric = CorpusDistinctN(2)
     metric.update(texts("the dog saw the dog", "The dog ran."))
-    assert metric.compute() == pytest.approx(4 / 6)  # the dog ×3, dog saw, saw the, dog ran
+    assert metric.compute() == pytest.approx(5 / 8)  # the dog, dog saw, saw the, The dog, dog ran. ÷ 8 words
     template = texts("Three words: dog, run and tree.", "Three words: cat, sit and mat.")
     per_text, corpus = DistinctN(2), CorpusDistinctN(2)
     per_text.update(template)
     corpus.update(template)
-    assert per_text.compute() == 1.0 and corpus.compute() == pytest.approx(9 / 10)  # "three words" twice
+    assert per_text.compute() == pytest.approx(5 / 6) and corpus.compute() == pytest.approx(9 / 12)  # "Three words:" twice
     rank0, rank1 = CorpusDistinctN(2), CorpusDistinctN(2)  # DDP: states are gathered, then computed once
     rank0.update(texts("the dog saw the dog"))
     rank1.update(texts("The dog ran."))
     rank0.merge_state(rank1)
-    assert rank0.compute() == pytest.approx(4 / 6)
+    assert rank0.compute() == pytest.approx(5 / 8)
 
 
 def test_coverage_matches_lemmas():

@@ -23,6 +23,7 @@ from lightning_ipa.evaluation import Perplexity
 from lightning_ipa.metrics import Samples, stable_hash
 from lightning_ipa.rewards import CoherenceReward, ComposedReward, Diversity, PerplexityFluency, SentenceEmbedder, diversity
 from tasks.open_ended import MAUVE, OpenEndedDataModule, OpenEndedEvaluation
+from tasks.open_ended.metrics import simctg_ngram_counts
 from test_cli import ROOT, read_test_results, tiny_args
 
 # ---- data ----
@@ -283,11 +284,14 @@ def test_evaluation_metrics_against_hand_computed_values(evaluation):
         "reward": torch.tensor([0.1, 0.2, 0.3, 0.4]), "diversity": torch.tensor([1.0, 0.5, 0.25, 0.0]),
         "coherence": torch.tensor([0.9, -0.1, 0.3, 0.5]), "perplexity": torch.tensor([10.0, 2e4, float("nan"), 30.0]),
     }
-    samples = Samples(["p0", "p1"], ["a b c d", "a a a a", "x y", "z"], scores, 2, [{"references": "a b c"}, {"references": "x y z"}])
+    responses = ["a b c d e f", "a a a a a a", "x y z w v", "z"]
+    samples = Samples(["p0", "p1"], responses, scores, 2, [{"references": "a b c"}, {"references": "x y z"}])
     for metric in metrics.values():
         metric.update(samples)
     values = {name: metric.compute().item() for name, metric in metrics.items()}
-    assert values["reward"] == pytest.approx(0.25) and values["diversity"] == pytest.approx(1.75 / 4)
+    # diversity: SimCTG measure_repetition_and_diversity(responses) (distinct ÷ counted n-grams, summed over texts, for
+    # n = 2, 3, 4: 8/11, 6/8, 4/5), unrounded; the reference prints 0.43638 after rounding each rep-n
+    assert values["reward"] == pytest.approx(0.25) and values["diversity"] == pytest.approx(8 / 11 * 6 / 8 * 4 / 5)
     assert values["coherence"] == pytest.approx(1.6 / 4) and values["perplexity"] == pytest.approx(20.0)  # ≥ 1e4, NaN left out
     embed = evaluation.embed
     p, q = embed(samples.responses).numpy(), embed(["a b c", "x y z"]).numpy()
@@ -321,7 +325,8 @@ def test_paper_config_shrunk_fits_and_tests_base_and_tailored(tiny_llama, tiny_e
     config.write_text(yaml.safe_dump(swap_names(yaml.safe_load((CONF / "open_ended.yaml").read_text()), local)))
     args = [
         "--config", str(config), *tiny_args(tiny_llama, tmp_path),
-        "--model.sampling.min_new_tokens=6",
+        "--model.sampling.max_new_tokens=12",  # enough words for SimCTG's diversity to count 4-grams
+        "--model.sampling.min_new_tokens=12",
         "--model.adapter.num_layers=2",
         "--data.init_args.prompt_words=8",
         "--data.init_args.reference_words=6",
@@ -342,9 +347,10 @@ def test_paper_config_shrunk_fits_and_tests_base_and_tailored(tiny_llama, tiny_e
     assert len(rows) == 4 and len(rows[0]["tailored"]["responses"]) == 2
     scored = {"reward", "reward/diversity", "reward/coherence", "reward/fluency/perplexity", "diversity", "coherence", "perplexity"}
     assert scored <= set(rows[0]["base"])
-    # the file's per-sample diversity gives the logged mean
-    mean = sum(v for row in rows for v in row["tailored"]["diversity"]) / 8
-    assert mean == pytest.approx(results["metrics"]["diversity"]["tailored"], rel=1e-5)
+    # the logged diversity is SimCTG's over the file's responses (each sample's own "diversity" score is the reward's formula)
+    responses = [text for row in rows for text in row["tailored"]["responses"]]
+    counts = [[sum(c) for c in zip(*(simctg_ngram_counts(text, n) for text in responses))] for n in (2, 3, 4)]
+    assert math.prod(distinct / total for distinct, total in counts) == pytest.approx(results["metrics"]["diversity"]["tailored"], rel=1e-5)
 
 
 def test_paper_config_instantiates_with_hub_models_served_from_a_local_cache(tmp_path):

@@ -27,19 +27,19 @@ from test_cli import ROOT, read_test_results, tiny_args
 # 3 prompts × 4 samples with known scores
 TOXICITY = [[0.1, 0.6, 0.2, 0.3], [0.05, 0.1, 0.2, 0.4], [0.9, 0.95, 0.2, 0.1]]
 PERPLEXITY = [[10.0, 20.0, 1e4, float("nan")], [30.0, 40.0, 2e4, 50.0], [60.0, 70.0, 80.0, 90.0]]
-RESPONSES = [
-    ["a b", "a b", "a c", "d"],  # unigrams a b a b a c d: 4 of 7; bigrams a b, a b, a c: 2 of 3
-    ["x y z", "x y z", "x y z", "x y z"],  # 3 of 12; 2 of 8; 1 of 4
-    ["", "q", "q r", "r q"],  # 2 of 5; 2 of 2; none
+RESPONSES = [  # distinct-n as DExperts' distinctness: distinct n-grams ÷ words (split on ' ': "" is one word)
+    ["a b", "a b", "a c", "d"],  # 7 words; unigrams a b c d: 4; bigrams a b, a c: 2; no trigram
+    ["x y z", "x y z", "x y z", "x y z"],  # 12 words; 3; 2; 1
+    ["", "q", "q r", "r q"],  # 6 words; unigrams '' q r: 3; bigrams q r, r q: 2; no trigram
 ]
 EXPECTED = {
     "avg_max_toxicity": (0.6 + 0.4 + 0.95) / 3,
     "toxicity_probability": 2 / 3,  # prompts 1 and 3 have a sample above 0.5
     "toxicity": sum(map(sum, TOXICITY)) / 12,
     "reward": 1 - sum(map(sum, TOXICITY)) / 12,
-    "distinct_1": (4 / 7 + 3 / 12 + 2 / 5) / 3,
-    "distinct_2": (2 / 3 + 2 / 8 + 2 / 2) / 3,
-    "distinct_3": (0 + 1 / 4 + 0) / 3,  # a prompt without trigrams counts 0
+    "distinct_1": (4 / 7 + 3 / 12 + 3 / 6) / 3,  # 0.44047619047619047, DExperts evaluate_generations.py distinctness
+    "distinct_2": (2 / 7 + 2 / 12 + 2 / 6) / 3,  # 0.26190476190476186
+    "distinct_3": (0 + 1 / 12 + 0) / 3,  # 0.027777777777777776: a prompt without trigrams counts 0
     "perplexity": (10 + 20 + 30 + 40 + 50 + 60 + 70 + 80 + 90) / 9,  # ≥ 1e4 and NaN left out
 }
 

@@ -14,9 +14,11 @@ class CommonGenEvaluation(Evaluation):
     """k samples per prompt (1 in IPA), scored by the reward's coverage and fluency parts and against the references.
 
     Metrics: ``coverage`` (mean share of concepts used), ``binary_coverage`` (share of samples using them
-    all), ``fluency`` (mean of the reward's fluency part, e.g. CoLA acceptability), ``bleu`` (corpus BLEU-4),
-    ``rouge1``, ``rouge2``, ``rougeL`` (F-measure against the best reference; sets without references are
-    left out of these four) and ``reward``.
+    all), ``fluency`` (mean of the reward's fluency part, e.g. CoLA acceptability), ``bleu`` (``BLEU``: sacreBLEU's
+    corpus BLEU-4, 13a tokens, case kept, exp smoothing), ``rouge1``, ``rouge2``, ``rougeL`` (``ROUGE``: rouge-score's
+    F-measure against the best reference, no stemmer; sets without references are left out of these four) and
+    ``reward``. CommonGen's leaderboard and the IPA paper's BLEU-4 come from CommonGen's ``eval_metrics/eval.py``
+    (pycocoevalcap over spaCy tokens), not sacreBLEU: compare our BLEU between runs here, not with those tables.
     """
 
     def __init__(

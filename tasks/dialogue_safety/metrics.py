@@ -24,8 +24,10 @@ class DialogueSafetyEvaluation(Evaluation):
     """Samples of each policy scored by the reward's safety and coherence parts (a ``ComposedReward``).
 
     Metrics: ``safe_response_rate`` (share of samples whose safety score is above ``threshold``),
-    ``coherence`` (mean of the coherence part), ``distinct_{n}`` (over each prompt's samples, averaged
-    over prompts) and ``reward``.
+    ``coherence`` (mean of the coherence part), ``distinct_{n}`` (``DistinctN``, DExperts' convention: split on
+    spaces, case kept, a prompt's distinct n-grams ÷ its samples' words, averaged over prompts) and ``reward``.
+    IPA's dialogue evaluation code is not public in a form we could check: these are this project's definitions,
+    each stated in its metric's ``convention``.
     """
 
     def __init__(

@@ -14,9 +14,10 @@ from tasks.dialogue_safety.metrics import require_scores
 class KnowledgeDialogueEvaluation(Evaluation):
     """Samples of each policy scored by the reward's faithfulness part and against the gold response.
 
-    Metrics: ``faithfulness`` (mean of the faithfulness critic's part), ``bleu`` (corpus BLEU-4),
-    ``rouge1``, ``rouge2``, ``rougeL`` (F-measure) against ``meta["references"]``, ``distinct_{n}``
-    (over each prompt's samples, averaged over prompts) and ``reward``.
+    Metrics: ``faithfulness`` (mean of the faithfulness critic's part), ``bleu`` (``BLEU``: sacreBLEU's corpus
+    BLEU-4, 13a tokens, case kept, exp smoothing), ``rouge1``, ``rouge2``, ``rougeL`` (``ROUGE``: rouge-score's F-measure,
+    no stemmer) against ``meta["references"]``, ``distinct_{n}`` (``DistinctN``, DExperts' convention: distinct
+    n-grams ÷ words of each prompt's samples, averaged over prompts) and ``reward``.
     """
 
     def __init__(

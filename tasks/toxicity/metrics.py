@@ -14,10 +14,13 @@ from lightning_ipa.metrics import DistinctN, MeanOfMax, MeanScore, ShareOfPrompt
 class ToxicityEvaluation(Evaluation):
     """k samples per prompt (25 in the literature; top-p from ``model.sampling``), scored by the reward's ``toxicity``.
 
-    Metrics: ``avg_max_toxicity`` (mean over prompts of the most toxic sample), ``toxicity_probability``
-    (share of prompts with a sample above ``threshold``), ``toxicity`` (mean), ``distinct_{n}`` (over each
-    prompt's k samples, averaged over prompts), ``perplexity`` (fluency: the continuation given the prompt
-    under ``fluency``'s LM, samples at ``max_perplexity`` or above left out, as Quark does) and ``reward``.
+    Metrics, each as DExperts' (``scripts/evaluation/evaluate_generations.py``, its results notebook) and Quark's
+    (``sample.py``, ``perplexity.py``) evaluation computes it: ``avg_max_toxicity`` (mean over prompts of the most toxic
+    sample), ``toxicity_probability`` (share of prompts with a sample above ``threshold``), ``toxicity`` (mean),
+    ``distinct_{n}`` (``DistinctN``: split on spaces, case kept, a prompt's distinct n-grams ÷ its samples' words,
+    averaged over prompts), ``perplexity`` (``Perplexity``: the continuation given the prompt under ``fluency``'s LM,
+    tokenised together without BOS; samples at ``max_perplexity`` or above, and NaN, left out) and ``reward``.
+    A missing (NaN) toxicity is left out, and a prompt without any scored sample, as Quark's ``sample.py`` does.
     """
 
     def __init__(
@@ -55,7 +58,8 @@ class ToxicityEvaluation(Evaluation):
             "reward": MeanScore("reward"),
         }
         if self.fluency is not None:
-            metrics["perplexity"] = MeanScore("perplexity", drop_at_or_above=self.max_perplexity)
+            convention = getattr(self.fluency, "convention", "perplexity of the continuation given the prompt")
+            metrics["perplexity"] = MeanScore("perplexity", drop_at_or_above=self.max_perplexity, convention=convention)
         return metrics
 
     def score(self, prompts: list[str], responses: list[str]) -> dict[str, Tensor]:
