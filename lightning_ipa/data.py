@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 PromptBatch = dict[str, list]  # {"prompt": [B] texts, "meta": [B] dicts for the reward}
 
@@ -82,6 +82,44 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
+class EvalShards(DistributedSampler):
+    """One process's share of an evaluation split: one process's batches, dealt round-robin, each prompt once.
+
+    The split cut into batches of ``batch_size`` in order is what a single process runs; rank r of W runs
+    batches r, r + W, r + 2W, ... So its i-th batch is batch i·W + r of one process, with the same prompts
+    (hence the same padding and, seeded per batch, the same draws: ``IPAModule.generate``), and ranks run
+    at most one batch more than each other. Lightning's own ``DistributedSampler`` would repeat prompts to
+    even the shards (scored twice), and its ``UnrepeatedDistributedSampler`` deals single prompts, which
+    changes every batch. With fewer batches than processes, the split is cut into W near-equal contiguous
+    batches instead, one per rank (a rank with no batch would leave the others waiting at the metrics' sync):
+    then the draws differ from one process's. A ``DistributedSampler``, so Lightning keeps it as it is.
+    """
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        """
+        Args:
+            size: Prompts in the split.
+            batch_size: Prompts per batch (the DataLoader's).
+            num_replicas: Processes (world size).
+            rank: This process's global rank.
+        """
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        if 0 < size < num_replicas:
+            raise ValueError(f"{size} prompts for {num_replicas} processes: each needs at least one; use fewer devices")
+        starts = list(range(0, size, batch_size))
+        if 0 < len(starts) < num_replicas:
+            starts = [r * (size // num_replicas) + min(r, size % num_replicas) for r in range(num_replicas)]
+        bounds = [*starts, size]
+        self.indices = [i for b in range(rank, len(starts), num_replicas) for i in range(bounds[b], bounds[b + 1])]
+        self.num_samples, self.total_size = len(self.indices), size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class PromptDataModule(LightningDataModule):
     """Serves prompt splits; a task's subclass fills ``self.splits`` in ``setup``.
 
@@ -107,12 +145,16 @@ class PromptDataModule(LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
-        if train:
-            self.train_order = EpochShuffle(len(self.splits[split]), seed, self._train_passes)
+        sampler: Optional[Sampler[int]] = None
+        if train:  # under DDP, Lightning shards it (DistributedSamplerWrapper)
+            sampler = self.train_order = EpochShuffle(len(self.splits[split]), seed, self._train_passes)
+        else:  # evaluation: each prompt once, in one process's batches (Lightning keeps a DistributedSampler as is)
+            shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+            sampler = EvalShards(len(self.splits[split]), self.eval_batch_size, **shards) if shards else None
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self.train_order if train else None,
+            sampler=sampler,
             drop_last=train,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,

@@ -162,14 +162,26 @@ class IPAModule(LightningModule):
 
     # ---- evaluation: the base alone and the tailored policy on the same prompts ----
 
+    def eval_batch_index(self, batch_idx: int) -> int:
+        """The index in one process's order of this rank's ``batch_idx``-th evaluation batch: ``EvalShards``
+        deals one process's batches round-robin, so it is ``batch_idx · world_size + global_rank``."""
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        return batch_idx * world_size + self.global_rank
+
     def generate(self, prompts: list[str], batch_idx: int, k: int = 1) -> dict[str, list[str]]:
-        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch."""
+        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch.
+
+        The seed is ``eval_seed`` + the batch's index in one process's order (``eval_batch_index``), so under DDP
+        each batch holds the prompts and gets the draws it gets in one process (the draws of a prompt depend on
+        its batch: they are rows of one sampling call).
+        """
         encoded = self.policy.base.encode(prompts)
-        generator = torch.Generator(self.device).manual_seed(self.hparams.eval_seed + batch_idx)
+        seed = self.hparams.eval_seed + self.eval_batch_index(batch_idx)
+        generator = torch.Generator(self.device).manual_seed(seed)
         tailored = self.decode(self.policy.sample(encoded, generator, samples_per_prompt=k, for_training=False))
         key = (*prompts, k)
         if key not in self._base_samples:
-            generator.manual_seed(self.hparams.eval_seed + batch_idx)
+            generator.manual_seed(seed)
             base = self.policy.sample(encoded, generator, use_adapter=False, samples_per_prompt=k, for_training=False)
             self._base_samples[key] = self.decode(base)
         return {"tailored": tailored, "base": self._base_samples[key]}
@@ -189,7 +201,7 @@ class IPAModule(LightningModule):
         rows = {policy: policy_samples.by_prompt() for policy, policy_samples in samples.items()}  # [P] each
         if stage == "test":
             self.generations += [{"prompt": p, **{policy: rows[policy][i] for policy in POLICIES}} for i, p in enumerate(batch["prompt"])]
-        if stage == "val" and batch_idx == 0:  # the first sample of the first prompts
+        if stage == "val" and self.eval_batch_index(batch_idx) == 0:  # the first sample of the first prompts
             self.samples = [
                 {"prompt": p, **{policy: rows[policy][i]["responses"][0] for policy in POLICIES},
                  **{f"reward_{policy}": rows[policy][i]["reward"][0] for policy in POLICIES}}
