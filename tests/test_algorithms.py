@@ -47,7 +47,7 @@ def test_whiten_ignores_padding():
     w = whiten(x, mask)
     real = w[mask.bool()]
     assert w[0, 2] == 0
-    assert abs(real.mean()) < 1e-6 and abs(real.pow(2).mean() - 1) < 1e-4
+    assert abs(real.mean()) < 1e-6 and abs(real.pow(2).sum() / (len(real) - 1) - 1) < 1e-4  # unit sample variance (trl)
 
 
 def test_clipped_policy_loss_against_hand_computed_values():
@@ -65,6 +65,15 @@ def test_clipped_value_loss_against_hand_computed_values():
     # token 0: unclipped (1-1)² = 0, clipped (0.2-1)² = 0.64; token 1: both (2-3)² = 1
     assert torch.isclose(out.loss, torch.tensor(0.5 * (0.64 + 1.0) / 2))
     assert out.clip_fraction == 0.5
+
+
+def test_whiten_is_trls_masked_whiten():
+    """Values of trl's ``masked_whiten`` (Bessel-corrected masked variance), run outside this repository on the same input."""
+    x = torch.tensor([[1.0, 2.0, 4.0, 0.0], [3.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    trl = [[-0.41590019536600176, 0.10397504884150041, 1.143725537256505, 0.0], [0.6238502930490026, -1.4556506837810061, 0.0, 0.0]]
+    assert torch.allclose(whiten(x, mask), torch.tensor(trl, dtype=torch.float64), atol=1e-12)
+    assert whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[1, 0]])).tolist() == [[0.0, 0.0]]  # one entry: no n/(n − 1)
 
 
 def test_leave_one_out_advantages():

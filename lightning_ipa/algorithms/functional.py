@@ -68,9 +68,16 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """Zero mean, unit variance over the masked entries (padding stays 0)."""
+    """Zero mean, unit variance over the masked entries [B, T] (padding stays 0), as trl's ``masked_whiten``.
+
+    trl (``trl/core.py``, ``trl/trainer/utils.py`` ``masked_whiten`` with ``masked_var(unbiased=True)``): the mean and
+    the Bessel-corrected variance (× n/(n − 1)) of the n masked entries, then (x − mean)·rsqrt(var + ``eps``). With a
+    single masked entry (where trl divides by zero) the variance is taken as is, uncorrected.
+    """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = var * n / (n - 1) if n > 1 else var
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
