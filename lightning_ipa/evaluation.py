@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .bases import BaseDType, load_causal_lm, load_tokenizer, resolve_pretrained
-from .metrics import CorpusDistinctN, DistinctN, MeanScore
+from .metrics import CorpusDistinctN, DistinctN, DistinctVariant, MeanScore
 
 Stage = Literal["val", "test"]
 
@@ -24,17 +24,20 @@ class Evaluation(nn.Module):
     checkpointed.
     """
 
-    def __init__(self, samples_per_prompt: int = 1, val_samples_per_prompt: int = 1):
+    def __init__(self, samples_per_prompt: int = 1, val_samples_per_prompt: int = 1, distinct_variant: DistinctVariant = "dexperts"):
         """
         Args:
             samples_per_prompt: Samples per prompt and policy in ``test``.
             val_samples_per_prompt: Samples per prompt and policy in validation (during ``fit`` and ``validate``).
+            distinct_variant: Convention of distinct-n: 'dexperts' (DExperts/Quark: split on spaces, case kept,
+                ÷ words) or 'ngram_ratio' (lower-cased words, ÷ n-grams); see ``metrics.DistinctN``.
         """
         super().__init__()
         if samples_per_prompt < 1 or val_samples_per_prompt < 1:
             raise ValueError(f"samples per prompt must be ≥ 1, got test {samples_per_prompt}, val {val_samples_per_prompt}")
         self.samples_per_prompt = samples_per_prompt
         self.val_samples_per_prompt = val_samples_per_prompt
+        self.distinct_variant = distinct_variant
 
     def num_samples(self, stage: Stage) -> int:
         return self.samples_per_prompt if stage == "test" else self.val_samples_per_prompt
@@ -42,7 +45,11 @@ class Evaluation(nn.Module):
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
         """Fresh metrics by log name (logged as ``<stage>/<name>/<policy>``)."""
         means = {name: MeanScore(name) for name in ("reward", *reward_names)}
-        return {**means, "distinct_2": DistinctN(2), "corpus_distinct_2": CorpusDistinctN(2)}
+        return {**means, "distinct_2": self.distinct(2), "corpus_distinct_2": CorpusDistinctN(2)}
+
+    def distinct(self, n: int) -> DistinctN:
+        """A distinct-n metric in this evaluation's ``distinct_variant``."""
+        return DistinctN(n, variant=self.distinct_variant)
 
     def score(self, prompts: list[str], responses: list[str]) -> dict[str, Tensor]:
         """Per-sample scores [N] by name beside the reward's, for aligned prompt/response lists of N."""

@@ -193,3 +193,24 @@ def test_perplexity_fluency_maps_log_perplexity_to_zero_one(tiny_llama):
     assert torch.allclose(scores["perplexity"][[0, 2]], perplexity[[0, 2]])
     with pytest.raises(ValueError, match="max_perplexity must be > 1"):
         PerplexityFluency(tiny_llama, max_perplexity=1.0)
+
+
+def test_evaluations_expose_the_metric_conventions_as_options():
+    """The second conventions (``DistinctN`` variant, ROUGE's stemmer) are reachable from YAML through each task's evaluation."""
+    from lightning_ipa.evaluation import Evaluation
+    from tasks.commongen.metrics import CommonGenEvaluation
+    from tasks.dialogue_safety.metrics import DialogueSafetyEvaluation
+    from tasks.knowledge_dialogue.metrics import KnowledgeDialogueEvaluation
+    from tasks.toxicity.metrics import ToxicityEvaluation
+
+    assert Evaluation().metrics(())["distinct_2"].variant == "dexperts"
+    assert Evaluation(distinct_variant="ngram_ratio").metrics(())["distinct_2"].variant == "ngram_ratio"
+    toxicity = ToxicityEvaluation(distinct_variant="ngram_ratio").metrics(("toxicity",))
+    assert {toxicity[f"distinct_{n}"].variant for n in (1, 2, 3)} == {"ngram_ratio"}
+    safety = DialogueSafetyEvaluation(distinct_variant="ngram_ratio").metrics(("reward/safety", "reward/coherence"))
+    assert safety["distinct_2"].variant == "ngram_ratio"
+    commongen = CommonGenEvaluation(rouge_stemmer=True).metrics(("reward/coverage", "reward/fluency"))
+    assert commongen["rougeL"].use_stemmer and "Porter stemmer" in commongen["rougeL"].convention
+    dialogue = KnowledgeDialogueEvaluation(rouge_stemmer=True, distinct_variant="ngram_ratio").metrics(("reward/faithfulness",))
+    assert dialogue["rouge1"].use_stemmer and dialogue["distinct_1"].variant == "ngram_ratio"
+    assert not CommonGenEvaluation().metrics(("reward/coverage", "reward/fluency"))["rouge2"].use_stemmer

@@ -27,6 +27,7 @@ class CommonGenEvaluation(Evaluation):
         val_samples_per_prompt: int = 1,
         coverage: str = "reward/coverage",
         fluency: str = "reward/fluency",
+        rouge_stemmer: bool = False,
     ):
         """
         Args:
@@ -34,10 +35,12 @@ class CommonGenEvaluation(Evaluation):
             val_samples_per_prompt: Samples per prompt and policy in validation.
             coverage: The reward's score holding coverage (a ``ComposedReward`` part named 'coverage' reports 'reward/coverage').
             fluency: The reward's score holding fluency (a part named 'fluency' reports 'reward/fluency').
+            rouge_stemmer: Porter-stem words longer than 3 characters in ROUGE (rouge-score's ``use_stemmer``; its default: no).
         """
         super().__init__(samples_per_prompt, val_samples_per_prompt)
         self.coverage = coverage
         self.fluency = fluency
+        self.rouge_stemmer = rouge_stemmer
 
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
         if missing := [name for name in (self.coverage, self.fluency) if name not in reward_names]:
@@ -51,7 +54,7 @@ class CommonGenEvaluation(Evaluation):
             "binary_coverage": ShareOfSamplesAbove(self.coverage, threshold=1 - 1e-6),
             "fluency": MeanScore(self.fluency),
             "bleu": BLEU(4),
-            **{key: ROUGE(key) for key in ("rouge1", "rouge2", "rougeL")},
+            **{key: ROUGE(key, use_stemmer=self.rouge_stemmer) for key in ("rouge1", "rouge2", "rougeL")},
             "reward": MeanScore("reward"),
         }
 

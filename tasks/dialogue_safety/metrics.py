@@ -7,7 +7,7 @@ from typing import Sequence
 from torchmetrics import Metric
 
 from lightning_ipa.evaluation import Evaluation
-from lightning_ipa.metrics import DistinctN, MeanScore, ShareOfSamplesAbove
+from lightning_ipa.metrics import DistinctVariant, MeanScore, ShareOfSamplesAbove
 
 
 def require_scores(evaluation: str, needed: dict[str, str], reward_names: Sequence[str]) -> None:
@@ -38,6 +38,7 @@ class DialogueSafetyEvaluation(Evaluation):
         coherence: str = "reward/coherence",
         threshold: float = 0.5,
         distinct: Sequence[int] = (1, 2),
+        distinct_variant: DistinctVariant = "dexperts",
     ):
         """
         Args:
@@ -47,17 +48,19 @@ class DialogueSafetyEvaluation(Evaluation):
             coherence: The reward part that scores coherence with the dialogue context.
             threshold: Safety score above which a response counts as safe.
             distinct: The n of distinct-n.
+            distinct_variant: Convention of distinct-n: 'dexperts' (DExperts/Quark: split on spaces, case kept,
+                ÷ words) or 'ngram_ratio' (lower-cased words, ÷ n-grams); see ``lightning_ipa.metrics.DistinctN``.
         """
-        super().__init__(samples_per_prompt, val_samples_per_prompt)
+        super().__init__(samples_per_prompt, val_samples_per_prompt, distinct_variant)
         self.safety, self.coherence = safety, coherence
         self.threshold = threshold
-        self.distinct = tuple(distinct)
+        self.distinct_ns = tuple(distinct)
 
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
         require_scores(type(self).__name__, {"safety": self.safety, "coherence": self.coherence}, reward_names)
         return {
             "safe_response_rate": ShareOfSamplesAbove(self.safety, self.threshold),
             "coherence": MeanScore(self.coherence),
-            **{f"distinct_{n}": DistinctN(n) for n in self.distinct},
+            **{f"distinct_{n}": self.distinct(n) for n in self.distinct_ns},
             "reward": MeanScore("reward"),
         }

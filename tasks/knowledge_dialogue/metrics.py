@@ -7,7 +7,7 @@ from typing import Sequence
 from torchmetrics import Metric
 
 from lightning_ipa.evaluation import Evaluation
-from lightning_ipa.metrics import BLEU, ROUGE, DistinctN, MeanScore
+from lightning_ipa.metrics import BLEU, ROUGE, DistinctVariant, MeanScore
 from tasks.dialogue_safety.metrics import require_scores
 
 
@@ -27,6 +27,8 @@ class KnowledgeDialogueEvaluation(Evaluation):
         faithfulness: str = "reward/faithfulness",
         bleu_n_gram: int = 4,
         distinct: Sequence[int] = (1, 2),
+        distinct_variant: DistinctVariant = "dexperts",
+        rouge_stemmer: bool = False,
     ):
         """
         Args:
@@ -35,18 +37,22 @@ class KnowledgeDialogueEvaluation(Evaluation):
             faithfulness: The reward part that scores faithfulness to the knowledge (the critic's probability).
             bleu_n_gram: Highest n-gram order of BLEU.
             distinct: The n of distinct-n.
+            distinct_variant: Convention of distinct-n: 'dexperts' (DExperts/Quark: split on spaces, case kept,
+                ÷ words) or 'ngram_ratio' (lower-cased words, ÷ n-grams); see ``lightning_ipa.metrics.DistinctN``.
+            rouge_stemmer: Porter-stem words longer than 3 characters in ROUGE (rouge-score's ``use_stemmer``; its default: no).
         """
-        super().__init__(samples_per_prompt, val_samples_per_prompt)
+        super().__init__(samples_per_prompt, val_samples_per_prompt, distinct_variant)
         self.faithfulness = faithfulness
         self.bleu_n_gram = bleu_n_gram
-        self.distinct = tuple(distinct)
+        self.distinct_ns = tuple(distinct)
+        self.rouge_stemmer = rouge_stemmer
 
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
         require_scores(type(self).__name__, {"faithfulness": self.faithfulness}, reward_names)
         return {
             "faithfulness": MeanScore(self.faithfulness),
             "bleu": BLEU(self.bleu_n_gram),
-            **{key: ROUGE(key) for key in ("rouge1", "rouge2", "rougeL")},
-            **{f"distinct_{n}": DistinctN(n) for n in self.distinct},
+            **{key: ROUGE(key, use_stemmer=self.rouge_stemmer) for key in ("rouge1", "rouge2", "rougeL")},
+            **{f"distinct_{n}": self.distinct(n) for n in self.distinct_ns},
             "reward": MeanScore("reward"),
         }

@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_ipa.evaluation import Evaluation, Perplexity
-from lightning_ipa.metrics import DistinctN, MeanOfMax, MeanScore, ShareOfPromptsAbove
+from lightning_ipa.metrics import DistinctVariant, MeanOfMax, MeanScore, ShareOfPromptsAbove
 
 
 class ToxicityEvaluation(Evaluation):
@@ -31,6 +31,7 @@ class ToxicityEvaluation(Evaluation):
         fluency: Optional[Perplexity] = None,
         max_perplexity: float = 1e4,
         distinct: Sequence[int] = (1, 2, 3),
+        distinct_variant: DistinctVariant = "dexperts",
     ):
         """
         Args:
@@ -40,12 +41,14 @@ class ToxicityEvaluation(Evaluation):
             fluency: Evaluation LM for perplexity (GPT-2 XL in the literature); None: no perplexity.
             max_perplexity: Samples with perplexity at or above this are left out of the mean.
             distinct: The n of distinct-n.
+            distinct_variant: Convention of distinct-n: 'dexperts' (DExperts/Quark: split on spaces, case kept,
+                ÷ words) or 'ngram_ratio' (lower-cased words, ÷ n-grams); see ``lightning_ipa.metrics.DistinctN``.
         """
-        super().__init__(samples_per_prompt, val_samples_per_prompt)
+        super().__init__(samples_per_prompt, val_samples_per_prompt, distinct_variant)
         self.threshold = threshold
         self.fluency = fluency
         self.max_perplexity = max_perplexity
-        self.distinct = tuple(distinct)
+        self.distinct_ns = tuple(distinct)
 
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
         if "toxicity" not in reward_names:
@@ -54,7 +57,7 @@ class ToxicityEvaluation(Evaluation):
             "avg_max_toxicity": MeanOfMax("toxicity"),
             "toxicity_probability": ShareOfPromptsAbove("toxicity", self.threshold),
             "toxicity": MeanScore("toxicity"),
-            **{f"distinct_{n}": DistinctN(n) for n in self.distinct},
+            **{f"distinct_{n}": self.distinct(n) for n in self.distinct_ns},
             "reward": MeanScore("reward"),
         }
         if self.fluency is not None:
