@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -61,9 +62,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) in it replaced by None, so that it is standard JSON (``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines, atomically."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """Write rows as JSON lines, atomically; a non-finite number (an undefined score) is written as ``null``."""
+    write_text_atomic(path, "".join(json.dumps(finite_or_null(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
 
 
 def per_rank(path: Path, trainer: Trainer) -> Path:
@@ -119,12 +131,12 @@ class TestResults(Callback):
             stage, _, rest = key.partition("/")
             metric, _, policy = rest.rpartition("/")
             if stage == "test" and metric:
-                table.setdefault(metric, {})[policy] = float(value)
+                table.setdefault(metric, {})[policy] = float(value)  # NaN where undefined: null in results.json
         conventions = self.conventions(pl_module)
         results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
                    "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table,
                    "conventions": {metric: conventions.get(metric, "") for metric in table}}
-        write_text_atomic(folder / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(folder / "results.json", json.dumps(finite_or_null(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         rows = [{"metric": metric, "base": values.get("base", float("nan")), "tailored": values.get("tailored", float("nan")),
                  "convention": conventions.get(metric, "")}
                 for metric, values in table.items()]

@@ -102,38 +102,39 @@ class SampleMetric(Metric):
 
 
 class MeanScore(SampleMetric):
-    """Mean of a per-sample score over all samples; with ``drop_at_or_above``, samples scoring that much or more (or NaN)
-    are left out (Quark's and DExperts' perplexity: ``if ppl < 1e4``, then ``np.nanmean``)."""
+    """Mean of a per-sample score over the samples that have one (a missing score, NaN, is left out, as ``np.nanmean``);
+    with ``drop_at_or_above``, samples scoring that much or more are left out too (Quark's and DExperts' perplexity:
+    ``if ppl < 1e4``, then ``np.nanmean``)."""
 
     def __init__(self, score: str, drop_at_or_above: Optional[float] = None, convention: Optional[str] = None, **kwargs):
         """
         Args:
             score: The per-sample score averaged.
-            drop_at_or_above: Samples scoring this or more, and NaN, are left out (None: every sample counts).
+            drop_at_or_above: Samples scoring this or more are left out (None: every scored sample counts).
             convention: What the score is, for results.md (default: "mean of <score> over samples").
         """
         super().__init__(**kwargs)
         self.score, self.drop_at_or_above = score, drop_at_or_above
-        dropped = "" if drop_at_or_above is None else f"; samples ≥ {drop_at_or_above:g} or NaN left out"
-        self.convention = (convention or f"mean of {score} over samples") + dropped
+        dropped = "NaN" if drop_at_or_above is None else f"≥ {drop_at_or_above:g} or NaN"
+        self.convention = (convention or f"mean of {score} over samples") + f"; samples scoring {dropped} left out"
 
     def update(self, samples: Samples) -> None:
         values = samples.scores[self.score]
-        if self.drop_at_or_above is not None:
-            values = values[values < self.drop_at_or_above]  # NaN compares False: dropped too
+        values = values[~values.isnan() if self.drop_at_or_above is None else values < self.drop_at_or_above]  # NaN compares False
         self.accumulate(values)
 
 
 class ShareOfSamplesAbove(SampleMetric):
-    """Share of samples scoring above ``threshold`` (e.g. the safe-response rate)."""
+    """Share of samples scoring above ``threshold`` (e.g. the safe-response rate), among those with a score (NaN left out)."""
 
     def __init__(self, score: str, threshold: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.score, self.threshold = score, threshold
-        self.convention = f"share of samples with {score} > {threshold:g}"
+        self.convention = f"share of samples with {score} > {threshold:g}; missing scores left out"
 
     def update(self, samples: Samples) -> None:
-        self.accumulate((samples.scores[self.score] > self.threshold).float())
+        values = samples.scores[self.score]
+        self.accumulate((values[~values.isnan()] > self.threshold).float())
 
 
 class MeanOfMax(SampleMetric):
@@ -261,7 +262,7 @@ class BLEU(SacreBLEUScore):
     reference, the closest reference length for the brevity penalty, ``exp`` smoothing of orders without a match. The
     counts are torchmetrics' ``SacreBLEUScore`` (sums: exact under DDP); the score combines them as sacrebleu does,
     on a 0–1 scale (sacrebleu's score / 100). Each of a prompt's k samples is one hypothesis with the prompt's references.
-    With no reference seen the score is NaN.
+    With no reference seen the score is NaN; hypotheses that are all empty score 0, as in sacrebleu.
     """
 
     def __init__(self, n_gram: int = 4, references: str = "references", smooth_method: Literal["exp", "none"] = "exp", **kwargs):
@@ -275,15 +276,17 @@ class BLEU(SacreBLEUScore):
         if smooth_method not in ("exp", "none"):
             raise ValueError(f"smooth_method must be 'exp' or 'none', got {smooth_method!r}")
         self.references, self.smooth_method = references, smooth_method
+        self.add_state("hypotheses", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")  # samples scored against references
         self.convention = f"sacreBLEU corpus BLEU-{n_gram}: 13a tokeniser, case kept, {smooth_method} smoothing (sacrebleu defaults), 0–1"
 
     def update(self, samples: Samples) -> None:
         predictions, references = with_references(samples, self.references)
         if predictions:
             super().update(predictions, references)
+            self.hypotheses += len(predictions)
 
     def compute(self) -> Tensor:
-        if self.preds_len == 0:  # no references seen: undefined, as ROUGE
+        if self.hypotheses == 0:  # no references seen: undefined, as ROUGE
             return torch.tensor(float("nan"))
         lengths = float(self.preds_len), float(self.target_len)
         score = sacrebleu_score(self.numerator.tolist(), self.denominator.tolist(), *lengths, self.smooth_method)

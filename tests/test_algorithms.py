@@ -131,6 +131,11 @@ def test_rloo_prepare_and_loss():
     assert torch.isclose(out.stats["kl"], kl.sum() / mask.sum())
 
 
+def test_an_unknown_kl_estimator_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown kl_estimator 'k2'; choose one of"):
+        RLOO(kl_estimator="k2")
+
+
 def test_rloo_needs_two_samples():
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RLOO(samples_per_prompt=1)

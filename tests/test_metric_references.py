@@ -298,13 +298,33 @@ def test_test_results_write_each_metrics_convention(tmp_path):
         strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor),
         callback_metrics={f"test/{name}/{policy}": torch.tensor(0.5) for name in metrics for policy in ("base", "tailored")},
     )
+    trainer.callback_metrics["test/bleu/base"] = torch.tensor(float("nan"))  # undefined (e.g. no references)
     module = SimpleNamespace(
         generations=[{"prompt": "p"}], device=torch.device("cpu"), evaluation=SimpleNamespace(num_samples=lambda stage: 1),
         metrics=torch.nn.ModuleDict({f"test_{policy}": torch.nn.ModuleDict(metrics) for policy in ("base", "tailored")}),
     )
     TestResults().on_test_end(trainer, module)
-    results = json.loads((tmp_path / "results.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"results.json is not standard JSON: {constant}")
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=strict)
+    assert results["metrics"]["bleu"] == {"base": None, "tailored": 0.5}  # NaN written as null
     assert results["conventions"] == {name: metric.convention for name, metric in metrics.items()}
     table = (tmp_path / "results.md").read_text()
     assert "| metric | base | tailored | convention |" in table
     assert DistinctN(2).convention.replace("|", "\\|") in table
+
+
+def test_bleu_of_empty_hypotheses_is_sacrebleus_zero_not_undefined():
+    """sacrebleu ``corpus_bleu(['', ''], [['a b c', 'd e f']]).score`` is 0.0: a policy that says nothing scores 0, not NaN."""
+    assert value(BLEU(), samples([[""], [" "]], [{"references": ["a b c"]}, {"references": ["d e f"]}])) == 0.0
+    assert math.isnan(value(BLEU(), samples([[""]], [{}])))  # no reference at all: undefined
+
+
+def test_missing_scores_are_left_out_of_every_mean_and_share():
+    """A NaN score is missing (np.nanmean), in the means and shares as in the max-based toxicity metrics."""
+    from lightning_ipa.metrics import MeanScore, ShareOfSamplesAbove
+
+    scored = Samples(["p", "q"], ["a", "b", "c", "d"], {"toxicity": torch.tensor([0.2, float("nan"), 0.8, 0.4])}, 2, [{}, {}])
+    assert value(MeanScore("toxicity"), scored) == pytest.approx((0.2 + 0.8 + 0.4) / 3)
+    assert value(ShareOfSamplesAbove("toxicity", 0.5), scored) == pytest.approx(1 / 3)

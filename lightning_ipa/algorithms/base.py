@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator, Optional
+from typing import Iterator, Optional, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,8 @@ class Algorithm(nn.Module, ABC):
         kl_estimator: KLEstimator = "full",
     ):
         super().__init__()
+        if kl_estimator not in get_args(KLEstimator):
+            raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {list(get_args(KLEstimator))}")
         self.samples_per_prompt = samples_per_prompt
         self.epochs = epochs
         self.minibatch_size = minibatch_size
