@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import Adapter
@@ -81,8 +82,8 @@ def truncate(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to
     that order is unspecified and it keeps as many tokens of the same probability, perhaps other ids.
     A cumulative mass within float rounding of the threshold can also fall the other way (we sum in
     the other order). Without sorting the vocabulary: the set is sought among the best
-    ``NUCLEUS_CANDIDATES`` tokens (or k + 1, if more), and only if its boundary reaches past them is the
-    whole vocabulary ranked.
+    ``NUCLEUS_CANDIDATES`` tokens (or k + 1, if more); the rows whose boundary reaches past them look
+    again among 4× as many, and so on up to the whole vocabulary.
 
     Returns:
         ``Truncated``: the kept candidates' ids and renormalised log-probs ([B, W]; ids None when nothing is filtered).
@@ -93,13 +94,23 @@ def truncate(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to
         return Truncated(None, logprobs)
     width = min(vocab, max(NUCLEUS_CANDIDATES, k + 1, min_tokens_to_keep))
     truncated, decided = _truncate_ranked(*_ranked(logprobs, width), vocab, k, top_p, min_tokens_to_keep)
-    if not decided.all():  # a boundary past the candidates: rank the whole vocabulary (rare)
-        truncated, _ = _truncate_ranked(*_ranked(logprobs, vocab), vocab, k, top_p, min_tokens_to_keep)
+    while not decided.all():  # rows whose boundary reaches past the candidates (rare): 4× the candidates for them
+        wide = (~decided).nonzero().squeeze(-1)
+        width = min(vocab, 4 * width)
+        more, decided[wide] = _truncate_ranked(*_ranked(logprobs[wide], width), vocab, k, top_p, min_tokens_to_keep)
+        # the kept tokens lead the ranking, so the widest kept set bounds every row
+        kept = max(truncated.ids.shape[-1], int(more.logprobs.isfinite().sum(-1).max()))
+        ids, lps = (F.pad(x, (0, kept - x.shape[-1]), value=fill) for x, fill in ((truncated.ids, 0), (truncated.logprobs, float("-inf"))))
+        ids[wide], lps[wide] = more.ids[:, :kept], more.logprobs[:, :kept]  # kept ≤ width: it fits
+        truncated = Truncated(ids, lps)
     return truncated
 
 
 def _ranked(logprobs: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """The ``width`` most likely tokens [B, W] (values, ids): by log-prob descending, equal log-probs by id descending."""
+    if width == logprobs.shape[-1]:  # one stable sort of the reversed vocabulary
+        values, order = logprobs.flip(-1).sort(dim=-1, descending=True, stable=True)
+        return values, width - 1 - order
     values, ids = logprobs.topk(width, dim=-1)
     ids, order = ids.sort(dim=-1, descending=True)
     values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
@@ -213,7 +224,7 @@ class TailoredPolicy(nn.Module):
             step = [token, real, _pick(logprobs, token, real)]
             if for_training:
                 ref_logprobs = self.distribution(base_lp, None, t) if use_adapter else logprobs  # [B, V] the base alone
-                kl = kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0)  # exact, from the full distributions
+                kl = kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else token.new_zeros(batch, dtype=logprobs.dtype)
                 step += [_pick(ref_logprobs, token, real), kl, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)]
             steps.append(tuple(step))
             alive = real & (token != self.eos_id)
