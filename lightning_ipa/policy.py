@@ -92,7 +92,7 @@ def truncate(logprobs: Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to
     k = min(max(top_k, min_tokens_to_keep), vocab) if top_k else vocab
     if k == vocab and top_p >= 1.0:
         return Truncated(None, logprobs)
-    width = min(vocab, max(NUCLEUS_CANDIDATES, k + 1, min_tokens_to_keep))
+    width = min(vocab, max(NUCLEUS_CANDIDATES, min_tokens_to_keep, k + 1 if k < vocab else 0))  # k + 1: to see the k-th's ties
     truncated, decided = _truncate_ranked(*_ranked(logprobs, width), vocab, k, top_p, min_tokens_to_keep)
     while not decided.all():  # rows whose boundary reaches past the candidates (rare): 4× the candidates for them
         wide = (~decided).nonzero().squeeze(-1)
