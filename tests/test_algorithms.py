@@ -110,7 +110,7 @@ def test_ppo_prepare_and_loss_at_the_sampling_policy():
     assert torch.allclose(experience.values, torch.zeros_like(mask, dtype=torch.float))  # zero-initialised critic
     assert (experience.advantages[mask == 0] == 0).all() and (experience.returns[mask == 0] == 0).all()
     assert ppo.kl_coef != 0.5  # adaptive coefficient moved
-    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden), experience)
+    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden, rollout.kl), experience)
     assert abs(out.stats["policy"]) < 1e-5  # ratio 1: −mean(whitened advantages) = 0
     assert out.stats["clip_fraction"] == 0
     returns = experience.returns[mask.bool()]
@@ -134,6 +134,24 @@ def test_rloo_prepare_and_loss():
 def test_an_unknown_kl_estimator_is_refused_at_construction():
     with pytest.raises(ValueError, match="unknown kl_estimator 'k2'; choose one of"):
         RLOO(kl_estimator="k2")
+
+
+@pytest.mark.parametrize("estimator", ["full", "k1"])
+def test_the_exact_kl_penalty_brings_its_direct_gradient_into_the_loss(estimator):
+    """With 'full', −β·KL_t in the return depends on θ itself: β·mean_t KL_t joins the loss (a sampled estimator needs none)."""
+    rloo = RLOO(samples_per_prompt=4, kl_coef=0.1, kl_estimator=estimator)
+    rollout = fake_rollout()
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
+    experience = rloo.prepare(rollout, scores)
+    mask = rollout.response_mask
+    penalty = rollout.kl if estimator == "full" else rollout.logprobs - rollout.ref_logprobs
+    returns = scores - 0.1 * (penalty * mask).sum(-1)
+    assert torch.allclose(experience.advantages, leave_one_out_advantages(returns, 4)[:, None] * mask)
+    kl = torch.rand_like(rollout.logprobs) * mask
+    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
+    direct = 0.1 * kl.sum() / mask.sum() if estimator == "full" else 0.0
+    assert rloo.needs_exact_kl == (estimator == "full")
+    assert torch.isclose(out.loss, (-experience.advantages).sum() / mask.sum() + direct)
 
 
 def test_rloo_needs_two_samples():

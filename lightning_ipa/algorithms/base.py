@@ -46,7 +46,19 @@ class Algorithm(nn.Module, ABC):
     @property
     def needs_exact_kl(self) -> bool:
         """Whether ``loss`` reads ``PolicyEval.kl`` (the exact per-token KL to the base)."""
-        return self.kl_loss_coef > 0
+        return self.kl_loss_coef > 0 or self.kl_direct_coef > 0
+
+    @property
+    def kl_direct_coef(self) -> float:
+        """Weight of the exact KL's direct gradient in the loss: ``kl_coef`` with the 'full' estimator, else 0.
+
+        A penalty −β·KL(π_t ‖ base_t) in the return depends on the policy's parameters itself, not only
+        through which tokens were drawn: the policy gradient of the returns carries the part that steers
+        away from states of high KL, and this term the part that lowers the KL at the states visited,
+        β·∇ mean_t KL_t (token mean, as the policy loss). A sampled estimator needs none: the score of the
+        sampled token carries that part (E[∇log π(x)] = 0 for its own direct term).
+        """
+        return float(self.kl_coef) if self.kl_estimator == "full" else 0.0
 
     def setup(self, adapter: Adapter) -> None:
         """Build what depends on the adapter (a value head over its hidden states, control codes)."""
@@ -60,10 +72,10 @@ class Algorithm(nn.Module, ABC):
         """The loss of a minibatch, given the policy re-evaluated on its tokens."""
 
     def loss_output(self, loss: Tensor, stats: dict[str, Tensor], evaluation: PolicyEval, mask: Tensor) -> LossOutput:
-        """``loss`` plus ``kl_loss_coef`` × the mean exact KL (when used, logged as ``kl``), with detached stats."""
+        """``loss`` plus (``kl_loss_coef`` + ``kl_direct_coef``) × the mean exact KL (when used, logged as ``kl``), with detached stats."""
         if self.needs_exact_kl:
             stats["kl"] = masked_mean(evaluation.kl, mask)
-            loss = loss + self.kl_loss_coef * stats["kl"]
+            loss = loss + (self.kl_loss_coef + self.kl_direct_coef) * stats["kl"]
         return LossOutput(loss, detached(stats))
 
     def kl_penalty(self, rollout: Rollout) -> Tensor:

@@ -46,7 +46,8 @@ class RLOO(Algorithm):
             kl_loss_coef: Weight of the mean per-token KL(tailored ‖ base) in the loss, exact from the
                 full distributions at each position (no sampling noise, unlike the sampled KL in the return).
             kl_estimator: How the return's KL penalty is estimated per token (trl's names): 'full', exact
-                from the full distributions (≥ 0, no sampling noise); 'k1', 'k3', 'abs' or 'mse' from the
+                from the full distributions (≥ 0, no sampling noise; its direct gradient, ``kl_coef`` × the mean
+                exact KL, joins the loss: see ``Algorithm.kl_direct_coef``); 'k1', 'k3', 'abs' or 'mse' from the
                 sampled token's log-ratio (unfiltered rollouts only). The adaptive controller and ``train/kl``
                 always read the exact KL.
         """
