@@ -14,7 +14,7 @@ from .bases import LocalBase
 from .remote import RemoteBase
 from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
 
-NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first; wider nuclei fall back to a full sort
+NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; rows whose kept set is wider look among 4× as many
 # evaluate() scores tokens in blocks of at most this many [tokens × vocabulary] floats (16 MB): under glibc's
 # 32 MB mmap threshold, so they are reused from the heap rather than mapped and zeroed afresh (~2× faster on CPU)
 EVALUATE_BLOCK = 1 << 22
