@@ -1,4 +1,4 @@
-"""Callbacks: sample tables for TensorBoard, prediction and test-result files, and a training clock."""
+"""Callbacks: checkpoints at rollout boundaries, sample tables for TensorBoard, prediction and test-result files, a training clock."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -29,6 +31,66 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[key]) for key in header) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class RolloutCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the run's resume point, written at rollout boundaries: every ``every_n_rollouts`` rollouts,
+    after each validation, at the end of ``fit``, and when the run stops between two rollouts on an exception or
+    a SIGTERM (a cluster's pre-emption: Lightning raises it at the next rollout boundary).
+
+    A rollout (or validation) cut short by an exception (a reward that raises, a non-finite loss) is not a state a
+    run ever passes through: the weights may be half-updated. Then ``last.ckpt`` stays the previous boundary and
+    the message says which; nothing is written either before the first rollout of the process. So a crash loses at most ``every_n_rollouts`` rollouts, and any ``last.ckpt`` resumes
+    exactly (``fit --ckpt_path last``). Lightning writes checkpoints atomically (a temporary file moved into
+    place), so a kill while saving leaves the previous ``last.ckpt`` whole. With ``monitor`` it also keeps the
+    ``save_top_k`` best checkpoints at validations, as ``ModelCheckpoint``.
+    """
+
+    def __init__(self, every_n_rollouts: Optional[int] = 10, save_top_k: int = 0, **kwargs: Any):
+        """
+        Args:
+            every_n_rollouts: Rollouts (training batches) between two writes of ``last.ckpt`` (None: only at
+                validations, the end and interruptions).
+            save_top_k: Best checkpoints to keep by ``monitor`` (0: only ``last.ckpt``).
+            **kwargs: Further ``ModelCheckpoint`` arguments (``dirpath``, ``monitor``, ``mode``, ``filename``, ...).
+        """
+        if every_n_rollouts is not None and every_n_rollouts < 1:
+            raise ValueError(f"every_n_rollouts must be ≥ 1 (or None), got {every_n_rollouts}")
+        super().__init__(save_last=True, save_top_k=save_top_k, save_on_exception=True, **kwargs)
+        self.every_n_rollouts = every_n_rollouts
+        self._in_rollout = False
+        self._rollouts_here = 0  # completed by this process (an error before the first leaves nothing behind)
+
+    @staticmethod
+    def rollouts(trainer: Trainer) -> int:
+        """Rollouts completed so far in the run (resumed runs included)."""
+        return trainer.fit_loop.epoch_loop.batch_progress.total.completed
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._in_rollout = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_rollout = False
+        self._rollouts_here += 1
+        done = self.rollouts(trainer) + 1  # this rollout is counted as completed after the hook
+        if self.every_n_rollouts and done % self.every_n_rollouts == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # the best by ``monitor``, if any
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._in_rollout or trainer.validating:
+            what = "a rollout" if self._in_rollout else "validation"
+            kept = f"the last one stays {self.last_model_path} (step {self._last_global_step_saved})" if self.last_model_path else "none was written yet"
+            rank_zero_info(f"{type(exception).__name__} during {what}: not a state to resume from, so no checkpoint now; {kept}")
+        elif self._rollouts_here and self._should_save_on_exception(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"{type(exception).__name__}: saved {self.last_model_path} (step {trainer.global_step}); resume with --ckpt_path last")
 
 
 class SampleTable(Callback):

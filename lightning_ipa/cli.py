@@ -1,14 +1,22 @@
 """``python -m lightning_ipa {fit,validate,test,predict,distill}``: LightningCLI over IPAModule and a task's data.
 
 ``distill`` fits a ``DistillModule`` instead: a local proxy of a (remote) base, for IPA's black-box workflow.
+
+Runs and checkpoints: the TensorBoard logger's ``save_dir/name/version_N`` is a run's folder (``--trainer.default_root_dir``,
+when given, is its ``save_dir``); ``fit`` writes ``checkpoints/last.ckpt`` there (``callbacks.RolloutCheckpoint``).
+``--ckpt_path last`` is the newest training run's ``last.ckpt`` (or that of ``--trainer.logger.init_args.version=N``),
+and means the same as giving that file: ``fit`` resumes the run in its own folder, the other subcommands write a
+new one. The configuration given (files, then the command line) is what runs; a checkpoint brings trained weights
+and training state only, and one that does not fit the configured adapter and algorithm is refused.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from .data import PromptDataModule
@@ -21,28 +29,124 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class IPACLI(LightningCLI):
-    """LightningCLI whose ``--ckpt_path last`` resumes the newest run of the configured logger."""
+    """LightningCLI where the configuration given wins over a checkpoint's, ``--trainer.default_root_dir`` places the
+    run, and ``--ckpt_path last`` names one run's checkpoint unambiguously (module docstring)."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the configuration as given. (LightningCLI would parse the checkpoint's saved hyperparameters over it,
+        so that ``--model.sampling.top_p=0.5`` lost to the checkpoint's 0.9 with ``--ckpt_path FILE``.) Differences
+        are printed instead (``before_instantiate_classes``)."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is not None and config.get("ckpt_path") == "last":
-            resume_last_run(config)
+        if config is None:
+            return
+        for args in logger_args(config):
+            if config.trainer.get("default_root_dir") is not None:
+                args.save_dir = str(config.trainer.default_root_dir)
+        if config.get("ckpt_path") == "last":
+            resolve_last(config)
+        if config.get("ckpt_path") and Path(config.ckpt_path).is_file():
+            checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
+            if self.subcommand == "fit":
+                refuse_finished(config, checkpoint)
+                continue_run(config)
+                self.save_config_kwargs["config_filename"] = resumed_config_name(config)
+            if differences := config_differences(checkpoint.get("hyper_parameters", {}), config.model.as_dict()):
+                print(f"The configuration given differs from {config.ckpt_path}'s; the configuration given is used:\n  " + "\n  ".join(differences))
 
 
-def resume_last_run(config) -> None:
-    """Point ``ckpt_path`` at the newest ``last.ckpt`` and make the logger continue that version."""
-    logger = config.trainer.logger
-    args = logger.init_args if logger and not isinstance(logger, bool) and "init_args" in logger else None
-    if args is None or "save_dir" not in args:
-        return  # not a TensorBoard-style logger: Lightning resolves "last" itself
+def logger_args(config) -> list[Any]:
+    """The ``init_args`` of each configured logger that has a ``save_dir`` (TensorBoard, CSV, ...)."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [lg.init_args for lg in loggers if lg and not isinstance(lg, bool) and "init_args" in lg and "save_dir" in lg.init_args]
+
+
+def run_folders(run_dir: Path) -> list[Path]:
+    """The training runs in ``save_dir/name``, oldest first: ``version_N`` folders with a ``config.yaml`` (written by ``fit``;
+    validate/test/predict write ``config.<subcommand>.yaml``) or checkpoints."""
+    runs = [p for p in run_dir.glob("version_*") if p.name.removeprefix("version_").isdigit()]
+    runs = [p for p in runs if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir()]
+    return sorted(runs, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def resolve_last(config) -> None:
+    """``--ckpt_path last``: the ``last.ckpt`` of ``--trainer.logger.init_args.version`` if given, else of the newest
+    training run. Raises SystemExit, naming the runs that have a checkpoint, when that run has none (say a run
+    killed before its first checkpoint): never another run's."""
+    args = next(iter(logger_args(config)), None)
+    if args is None:
+        return  # not a logger with folders: Lightning resolves "last" itself
     run_dir = Path(args.save_dir) / (args.get("name") or "lightning_logs")
-    candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"--ckpt_path last: no {run_dir}/version_*/checkpoints/last.ckpt; run `fit` first or pass a checkpoint path")
-    last = candidates[-1]
+    runs = run_folders(run_dir)
+    version = args.get("version")
+    if version is not None:
+        run = run_dir / (version if isinstance(version, str) else f"version_{version}")
+    elif runs:
+        run = runs[-1]
+    else:
+        raise SystemExit(f"--ckpt_path last: no training run in {run_dir}; run `fit` first or pass a checkpoint path")
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        others = [f"{r / 'checkpoints' / 'last.ckpt'}" for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
+        listing = ("runs with a checkpoint:\n  " + "\n  ".join(others)) if others else "no run there has a checkpoint"
+        raise SystemExit(
+            f"--ckpt_path last: {run} has no checkpoints/last.ckpt (stopped before its first checkpoint?); {listing}\n"
+            f"Pass one of them as --ckpt_path, or pick a run with --trainer.logger.init_args.version=N, or start afresh without --ckpt_path"
+        )
     config.ckpt_path = str(last)
-    args.version = int(last.parents[1].name.removeprefix("version_"))
-    print(f"Resuming {last}")
+    print(f"--ckpt_path last: {last}")
+
+
+def continue_run(config) -> None:
+    """``fit`` from a checkpoint of a run in the logger's ``save_dir/name``: the logger continues that run's folder
+    (its TensorBoard curves go on, its ``last.ckpt`` is updated), unless a ``version`` is given."""
+    args = next(iter(logger_args(config)), None)
+    if args is None or args.get("version") is not None:
+        return
+    run = Path(config.ckpt_path).resolve().parents[1]
+    if run.parent == (Path(args.save_dir) / (args.get("name") or "lightning_logs")).resolve() and run.name.startswith("version_"):
+        number = run.name.removeprefix("version_")
+        args.version = int(number) if number.isdigit() else run.name
+        print(f"Resuming {run}")
+
+
+def refuse_finished(config, checkpoint: dict[str, Any]) -> None:
+    """``fit`` from a checkpoint already at ``max_steps`` would stop at once: refuse, saying how to train on."""
+    step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps", -1)
+    if max_steps is not None and max_steps != -1 and step >= max_steps:
+        raise SystemExit(
+            f"{config.ckpt_path} is at step {step}, and --trainer.max_steps is {max_steps}: nothing to train. "
+            f"Raise --trainer.max_steps to train on, or use validate/test/predict with this checkpoint"
+        )
+
+
+def resumed_config_name(config) -> str:
+    """A resumed ``fit`` keeps its run's ``config.yaml`` and writes its own configuration beside it as ``config.resume<K>.yaml``."""
+    args = next(iter(logger_args(config)), None)
+    if args is None or args.get("version") is None:
+        return "config.yaml"
+    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+    run = Path(args.save_dir) / (args.get("name") or "lightning_logs") / version
+    k = 1
+    while (run / f"config.resume{k}.yaml").exists():
+        k += 1
+    return f"config.resume{k}.yaml" if (run / "config.yaml").exists() else "config.yaml"
+
+
+def config_differences(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model.") -> list[str]:
+    """``key: given (checkpoint: saved)`` for each setting where the checkpoint's saved hyperparameters and the given ones differ."""
+    lines = []
+    for key in sorted(set(saved) | set(given)):
+        if key.startswith("_"):
+            continue
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and a.get("class_path", None) == b.get("class_path", None):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
+            lines.append(f"{prefix}{key}: {b!r} (checkpoint: {a!r})")
+    return [line.replace(".init_args.", ".") for line in lines]
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -67,12 +171,14 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
         sys.argv[1:] = given  # LightningCLI reads the command line itself
     else:
         args = given
+    subcommand = given[0] if given and given[0] in SUBCOMMANDS else "fit"
     return IPACLI(
         DistillModule if distill else IPAModule,
         PromptDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
+        # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
+        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},
         auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)
         args=args,
         run=run,

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 PromptBatch = dict[str, list]  # {"prompt": [B] texts, "meta": [B] dicts for the reward}
 
@@ -62,24 +63,56 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {number}", record
 
 
-class EpochShuffle(Sampler[int]):
-    """A fresh permutation for each pass, drawn from (seed, pass number) alone.
+class EpochShuffle(DistributedSampler):
+    """The training prompts' order: a fresh permutation for each pass, drawn from (seed, pass number) alone,
+    dealt to the processes, resumable mid-pass.
 
-    The order depends on nothing the model draws at random, so runs with one seed see the same
-    prompts whatever the algorithm; the pass number is checkpointed with the data module, so a
-    resumed run continues with the next pass rather than replaying the first.
+    Process r of W takes every W-th prompt of the permutation from the r-th, cut to whole batches (as ``drop_last``;
+    the few left over wait for the next pass, which reshuffles). The order depends on nothing the model draws at
+    random, so runs with one seed see the same prompts whatever the algorithm. ``state_dict`` is the pass and how
+    many prompts of it this process has been dealt: torchdata's ``StatefulDataLoader`` (the train loader of
+    ``PromptDataModule``) saves it with its own position, Lightning saves that in the checkpoint, and a run resumed
+    mid-pass carries on with the rest of the same pass: it sees the prompts, in the order, of a run never stopped.
+    A ``DistributedSampler``, so Lightning keeps it under DDP rather than wrapping it.
     """
 
-    def __init__(self, size: int, seed: int, passes: int = 0):
-        self.size, self.seed, self.passes = size, seed, passes
+    def __init__(self, size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        """
+        Args:
+            size: Prompts in the training split.
+            batch_size: Prompts per batch and process (the DataLoader's).
+            seed: Seed of the permutations (``seed_everything``'s).
+            num_replicas: Processes (world size).
+            rank: This process's global rank.
+        """
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)  # type: ignore[arg-type]
+        self.size, self.batch_size = size, batch_size
+        self.num_samples = size // num_replicas // batch_size * batch_size  # [this process's prompts per pass]
+        self.total_size = self.num_samples * num_replicas
+        self.passes = 0  # passes begun
+        self.dealt = 0  # prompts of the current pass handed out
+        self._resume_at = 0  # where the next pass begins (mid-pass after load_state_dict)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.passes)
+        order = torch.randperm(self.size, generator=generator).tolist()[self.rank : self.total_size : self.num_replicas]
         self.passes += 1
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        self.dealt, self._resume_at = self._resume_at, 0
+        for index in order[self.dealt :]:
+            self.dealt += 1
+            yield index
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"passes": self.passes, "dealt": self.dealt}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue where ``state_dict`` was taken: within its pass, or with the next one if that pass was dealt out."""
+        passes, dealt = state_dict["passes"], state_dict["dealt"]
+        mid_pass = 0 < dealt < self.num_samples
+        self.passes, self._resume_at = (passes - 1, dealt) if mid_pass else (passes, 0)
 
 
 class EvalShards(DistributedSampler):
@@ -138,24 +171,21 @@ class PromptDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.splits: dict[str, list[dict[str, Any]]] = {}
-        self.train_order: Optional[EpochShuffle] = None
-        self._train_passes = 0  # restored from a checkpoint before the train loader is built
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
-        sampler: Optional[Sampler[int]] = None
-        if train:  # under DDP, Lightning shards it (DistributedSamplerWrapper)
-            sampler = self.train_order = EpochShuffle(len(self.splits[split]), seed, self._train_passes)
-        else:  # evaluation: each prompt once, in one process's batches (Lightning keeps a DistributedSampler as is)
-            shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-            sampler = EvalShards(len(self.splits[split]), self.eval_batch_size, **shards) if shards else None
-        return DataLoader(
+        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}  # Lightning keeps
+        sampler: Optional[Sampler[int]] = None  # a DistributedSampler as it is: these deal the prompts to the processes
+        if train:
+            sampler = EpochShuffle(len(self.splits[split]), self.batch_size, seed, **shards)
+        elif shards:  # evaluation: each prompt once, in one process's batches
+            sampler = EvalShards(len(self.splits[split]), self.eval_batch_size, **shards)
+        return (StatefulDataLoader if train else DataLoader)(  # the train loader's position goes into checkpoints
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
-            drop_last=train,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(seed),  # each new iterator draws a seed: never from the global RNG
@@ -189,9 +219,3 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"{what}: fewer than test_size + val_size + train_size (or one batch) = {needed}; lower the sizes")
         train_end = None if train_size is None else test_size + val_size + train_size
         self.splits = {"test": items[:test_size], "val": items[test_size : test_size + val_size], "train": items[test_size + val_size : train_end]}
-
-    def state_dict(self) -> dict[str, int]:
-        return {"train_passes": self.train_order.passes if self.train_order is not None else self._train_passes}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._train_passes = state_dict.get("train_passes", 0)

@@ -163,8 +163,10 @@ def test_quark_runs_the_quickstart_config_and_resumes_its_pool(tiny_llama, tmp_p
     first = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings)])
     saved = first.model.algorithm
     assert len(saved.pool) == 16 and saved.kl_coef != 0.05  # 2 rollouts of 2 prompts × 4 samples; the KL coefficient adapted
-    # a resume at the same max_steps only restores the state; then training goes on from it
-    restored = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"]).model.algorithm
+    with pytest.raises(SystemExit, match="at step 2, and --trainer.max_steps is 2: nothing to train"):  # a finished run is not resumed
+        main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"])
+    # the checkpoint restores the pool and the KL coefficient; then training goes on from it
+    restored = main(["validate", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"]).model.algorithm
     assert restored is not saved and restored.kl_coef == saved.kl_coef
     assert all(torch.equal(saved.pool.data[k], restored.pool.data[k]) for k in saved.pool.data)
     assert torch.equal(saved.pool.rewards, restored.pool.rewards)
