@@ -12,12 +12,14 @@ and training state only, and one that does not fit the configured adapter and al
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data import PromptDataModule
 from .distill import DistillModule
@@ -163,6 +165,8 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
     """Run the CLI on ``args`` (default: the command line); returns it for tests and notebooks.
 
     ``distill ...`` runs ``fit ...`` of a ``DistillModule`` (its config names a teacher, a student and an output folder).
+    A run stopped by SIGTERM (after saving ``last.ckpt``) exits with status 143 (128 + SIGTERM), so that a scheduler
+    sees it unfinished.
     """
     given = list(sys.argv[1:] if args is None else args)
     distill = bool(given) and given[0] == "distill"
@@ -172,14 +176,17 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
     else:
         args = given
     subcommand = given[0] if given and given[0] in SUBCOMMANDS else "fit"
-    return IPACLI(
-        DistillModule if distill else IPAModule,
-        PromptDataModule,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
-        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},
-        auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)
-        args=args,
-        run=run,
-    )
+    try:
+        return IPACLI(
+            DistillModule if distill else IPAModule,
+            PromptDataModule,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
+            save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},
+            auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:  # Lightning stopped at a rollout boundary; RolloutCheckpoint saved it
+        raise SystemExit(128 + signal.SIGTERM) from None  # 143, as a process killed by SIGTERM: the run did not finish
