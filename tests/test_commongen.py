@@ -375,7 +375,7 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("reward.", "evaluation.", "policy.base.")) for k in checkpoint["state_dict"])
     main(["test", *args, "--ckpt_path", "last"])
-    results, rows = read_test_results(run, set(EXPECTED))
+    results, rows = read_test_results(run.with_name("version_1"), set(EXPECTED))  # test's own run folder
     assert results["prompts"] == 5 and results["samples_per_prompt"] == 2
     assert len(rows) == 5
     assert set(rows[0]["tailored"]) == {

@@ -265,7 +265,7 @@ def test_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_classifier, ti
     run = tmp_path / "dialogue_safety" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     main(["test", *args, "--ckpt_path", "last"])
-    results, rows = read_test_results(run, set(EXPECTED))
+    results, rows = read_test_results(run.with_name("version_1"), set(EXPECTED))  # test's own run folder
     assert results["prompts"] == 3 and results["samples_per_prompt"] == 2
     assert len(rows) == 3 and set(rows[0]["tailored"]) == {"responses", "reward", "reward/safety", "reward/coherence"}
     safe = [v > 0.5 for row in rows for v in row["base"]["reward/safety"]]

@@ -341,7 +341,7 @@ def test_paper_config_shrunk_fits_and_tests_base_and_tailored(tiny_llama, tiny_e
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("reward.", "evaluation.", "policy.base.")) for k in checkpoint["state_dict"])
     main(["test", *args, "--ckpt_path", "last"])
-    results, rows = read_test_results(run, {"reward", "diversity", "coherence", "perplexity", "mauve"})
+    results, rows = read_test_results(run.with_name("version_1"), {"reward", "diversity", "coherence", "perplexity", "mauve"})
     assert results["prompts"] == 4 and results["samples_per_prompt"] == 2
     assert all(0 <= results["metrics"]["mauve"][policy] <= 1 for policy in ("base", "tailored"))
     assert len(rows) == 4 and len(rows[0]["tailored"]["responses"]) == 2

@@ -151,7 +151,7 @@ def test_distill_then_fit_against_the_proxy_then_test_on_the_api(server, tiny_ll
     main(["fit", *ipa])
     assert server.requests == distilled  # training ran against the proxy, not the API
     main(["test", *ipa, "--config", str(CONF / "blackbox" / "remote_base.yaml"), *api, "--model.base.init_args.top_logprobs=8", "--ckpt_path", "last"])
-    results = json.loads((tmp_path / "blackbox" / "version_0" / "results.json").read_text())
+    results = json.loads((tmp_path / "blackbox" / "version_1" / "results.json").read_text())
     assert results["metrics"]["coverage"].keys() == {"base", "tailored"} and server.requests > distilled
     assert set(server.authorizations) == {f"Bearer {SECRET}"}  # sent with every request ...
     written = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -277,9 +277,9 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_detoxi
     checkpoint = torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith(("reward.", "evaluation.", "policy.base.")) for k in checkpoint["state_dict"])
     main(["test", *args, "--ckpt_path", "last"])
-    results, rows = read_test_results(run / "version_0", set(EXPECTED))
+    results, rows = read_test_results(run / "version_1", set(EXPECTED))  # test's own run folder
     assert results["prompts"] == 5 and results["samples_per_prompt"] == 3
-    assert "| avg_max_toxicity |" in (run / "version_0" / "results.md").read_text()
+    assert "| avg_max_toxicity |" in (run / "version_1" / "results.md").read_text()
     assert len(rows) == 5 and set(rows[0]) == {"prompt", "tailored", "base"}
     assert set(rows[0]["base"]) == {"responses", "reward", "toxicity", "perplexity"} and len(rows[0]["base"]["responses"]) == 3
     # the file's per-prompt maxima give the logged average max toxicity
