@@ -179,3 +179,18 @@ def test_a_checkpoint_that_does_not_fit_the_configured_adapter_is_refused(tiny_l
     for ckpt in (str(run / "checkpoints" / "last.ckpt"), "last"):
         with pytest.raises(ValueError, match=message + r"(.|\n)*pass --config .*version_0/config.yaml"):
             main(["validate", *tiny_args(tiny_llama, tmp_path, 2), change, "--ckpt_path", ckpt])
+
+
+def test_two_processes_resume_mid_pass_as_they_run_straight(tiny_llama, tmp_path):
+    """DDP (2 CPU processes): each rank's share of the pass continues where it stopped (EpochShuffle deals it)."""
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.train_size=16"]  # 8 prompts a rank: 4 rollouts a pass
+
+    def weights(save_dir: Path) -> dict[str, torch.Tensor]:
+        return torch.load(save_dir / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    for save_dir, steps, resume in [(tmp_path / "a", 4, []), (tmp_path / "b", 2, []), (tmp_path / "b", 4, ["--ckpt_path", "last"])]:
+        out = run_cli(*tiny_args(tiny_llama, save_dir, steps, *VARIED, *ddp), *resume)
+        assert out.returncode == 0, out.stderr[-3000:]
+    straight, resumed = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert straight.keys() == resumed.keys() and straight["policy.adapter.head.projection.weight"].abs().sum() > 0
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight if torch.is_tensor(straight[k]))
