@@ -17,6 +17,8 @@ import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+from .data import json_lines
+
 PathLike = Union[str, Path]
 
 
@@ -75,8 +77,13 @@ def markdown_table_frame(table: str) -> pd.DataFrame:
 
 
 def load_jsonl(path: PathLike) -> pd.DataFrame:
-    """``predictions.jsonl`` or ``generations.jsonl`` as a DataFrame (one row per line)."""
-    return pd.json_normalize([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()])
+    """``predictions.jsonl`` or ``generations.jsonl`` as a DataFrame (one row per line).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a byte that is not UTF-8 (file:line:column), or a line that is not JSON (file:line).
+    """
+    return pd.json_normalize([record for _, record in json_lines(path)])
 
 
 def load_results(runs: Sequence[PathLike]) -> pd.DataFrame:

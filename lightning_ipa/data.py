@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -29,23 +30,84 @@ def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
     return {key: [value for value in values for _ in range(k)] for key, values in batch.items()}
 
 
+def check_sizes(**sizes: Optional[int]) -> None:
+    """Raise ValueError for a split size below 0 (None, where allowed, means all); a negative size would slice from the end."""
+    if bad := [f"{name}={value} (--data.init_args.{name})" for name, value in sizes.items() if value is not None and value < 0]:
+        raise ValueError(f"split sizes must be ≥ 0, got {', '.join(bad)}")
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` (``~`` expanded), or FileNotFoundError saying there is no such file and where a relative path was looked for."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = "a folder, not a file" if path.is_dir() else f"looked for in {Path.cwd()}" if not path.is_absolute() else "check the path"
+        raise FileNotFoundError(f"no such file: {path} ({hint})")
+    return path
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file, read as it streams; the shared reader of every text file.
+
+    Lines end at a line feed only (CR LF too), so the numbers are an editor's and a JSON string may hold U+2028;
+    a leading UTF-8 byte-order mark is skipped.
+
+    Raises:
+        FileNotFoundError: no such file (``existing_file``).
+        ValueError: a byte that is not UTF-8, named as ``file:line:column`` with its byte offset and how to convert the file.
+    """
+    path = existing_file(path)
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            skip = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                text = raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as error:
+                start = skip + error.start  # the bad byte's index in the line
+                column = len(raw[skip:start].decode("utf-8")) + 1  # in characters, as editors count
+                raise ValueError(
+                    f"{path}:{number}:{column}: byte 0x{raw[start]:02x} (byte {offset + start} of the file) is not UTF-8; "
+                    f"the file must be UTF-8 text: convert it, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}` "
+                    f"(if it is Latin-1), and pass the converted file"
+                ) from None
+            offset += len(raw)
+            yield number, text.rstrip("\r\n")
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """("file:line", value) for each non-blank line of a UTF-8 JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a byte that is not UTF-8 (``text_lines``) or a line that is not JSON, named as file:line.
+    """
+    for number, line in text_lines(path):
+        if line.strip():
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                problem = f"not valid JSON ({error.msg} at column {error.colno}); each line must be one JSON value"
+                raise ValueError(f"{path}:{number}: {problem}") from None
+
+
 def read_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     """(where, record) for each record of a dataset: a local ``.jsonl``/``.json`` (JSON lines) or ``.parquet``
     file, or else ``split`` of a hub dataset through HF ``datasets``. ``where`` (file:line, or row number)
     is for error messages about the record.
+
+    Raises:
+        FileNotFoundError: a local file that does not exist.
+        ValueError: a JSON-lines file that is not UTF-8 (``text_lines``) or has a line that is not JSON (file:line),
+            or a local file of another kind.
+        RuntimeError: a hub dataset that cannot be loaded (e.g. offline).
     """
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        yield from json_lines(path)
     elif path.suffix == ".parquet":
         import pyarrow.parquet
 
-        for number, record in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+        for number, record in enumerate(pyarrow.parquet.read_table(existing_file(path)).to_pylist(), start=1):
             yield f"{path} row {number}", record
     elif path.exists() or source.startswith(("/", "./", "../", "~")):
         raise ValueError(f"{source}: expected a .jsonl, .json (JSON lines) or .parquet file, or a hub dataset name")
@@ -169,8 +231,14 @@ class PromptDataModule(LightningDataModule):
             batch_size: Prompts per RL step and device (samples = prompts × the algorithm's samples_per_prompt).
             eval_batch_size: Prompts per validation/test/predict batch.
             num_workers: DataLoader worker processes.
+
+        Raises:
+            ValueError: a batch size below 1 or a negative ``num_workers``.
         """
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < least:
+                raise ValueError(f"{name} must be ≥ {least}, got {value}: set --data.init_args.{name}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -196,16 +264,84 @@ class PromptDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Raises ValueError for a training split without one whole batch per process (``check_split``)."""
+        self.check_split("train")
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Raises ValueError for an empty or missing split (``check_split``)."""
+        self.check_split("val")
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.splits else "val")
+        """The ``test`` split, else ``val``; raises ValueError when it is empty (``check_split``)."""
+        self.check_split(self.stage_split("test"))
+        return self._loader(self.stage_split("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict" if "predict" in self.splits else "val")
+        """The ``predict`` split, else ``val``; raises ValueError when it is empty (``check_split``)."""
+        self.check_split(self.stage_split("predict"))
+        return self._loader(self.stage_split("predict"))
+
+    def stage_split(self, stage: str) -> str:
+        """The split an evaluation stage ('validate', 'test', 'predict') reads: its own when the task has it, else ``val``."""
+        split = {"validate": "val", "test": "test", "predict": "predict"}[stage]
+        return split if split in self.splits else "val"
+
+    def check_splits(self, stage: str) -> None:
+        """``check_split`` of each split ``stage`` ('fit', 'validate', 'test', 'predict') reads, after ``setup``.
+
+        ``fit`` reads ``train`` and, unless the trainer's ``limit_val_batches`` is 0, ``val``. Lightning asks for the
+        validation loader only at the first validation, after training began: ``IPAModule.setup`` calls this first.
+
+        Raises:
+            ValueError: as ``check_split``.
+        """
+        if stage != "fit":
+            self.check_split(self.stage_split(stage))
+            return
+        self.check_split("train")
+        if self.trainer is None or self.trainer.limit_val_batches != 0:
+            self.check_split("val")
+
+    def check_split(self, split: str) -> None:
+        """Refuse a split that is missing or empty, or for ``train`` one without a whole batch for each process.
+
+        The train loader serves whole batches only, and under DDP each of the ``trainer.world_size`` processes
+        gets its share of the prompts (``EpochShuffle``): with fewer prompts than a batch per process no RL step
+        would run.
+
+        Raises:
+            ValueError: naming the split, where its prompts come from (``split_source``) and how to fix it.
+        """
+        if split not in self.splits:
+            raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
+        size, source = len(self.splits[split]), self.split_source(split)
+        if split == "train":
+            processes = self.trainer.world_size if self.trainer is not None else 1
+            share = size // processes  # EpochShuffle: each process takes every W-th prompt of a pass
+            if share < self.batch_size:
+                shared = f", shared by {processes} processes: {share} each" if processes > 1 else ""
+                fixes = [f"lower --data.init_args.batch_size to at most {share}"] if share else []
+                fixes += ["use fewer devices"] if processes > 1 and size >= self.batch_size else []
+                fixes += [f"give at least {self.batch_size * processes} training prompts"]
+                raise ValueError(
+                    f"{size} training prompt{'s' * (size != 1)} ({source}){shared}, fewer than one batch (batch_size={self.batch_size}): "
+                    f"the train loader serves whole batches only, so no RL step would run; {', or '.join(fixes)}"
+                )
+        elif size == 0:
+            fix = "give it at least one prompt"
+            if split == "val" and self.trainer is not None and self.trainer.state.fn == "fit":
+                fix += ", or train without validation: --trainer.limit_val_batches=0"
+            raise ValueError(f"{type(self).__name__}: the {split!r} split is empty ({source}): nothing to run; {fix}")
+
+    def split_source(self, split: str) -> str:
+        """Where ``split``'s prompts come from, as the data options that set it (for error messages)."""
+        hp = self.hparams
+        if hp.get(f"{split}_file"):
+            return f"{split}_file={hp[f'{split}_file']}"
+        options = [f"{name}={hp[name]}" for name in ("source", f"{split}_size") if name in hp]
+        return ", ".join(options) or f"filled by {type(self).__name__}.setup"
 
     def setup(self, stage: Optional[str] = None) -> None:
         raise NotImplementedError
@@ -215,7 +351,11 @@ class PromptDataModule(LightningDataModule):
 
         ``what`` says what the items are (e.g. "data.jsonl: 80 of 95 prompts pass the filters") for the error
         raised when there are too few: fewer than the sizes, or than one training batch.
+
+        Raises:
+            ValueError: a negative size, or too few items.
         """
+        check_sizes(test_size=test_size, val_size=val_size, train_size=train_size)
         items = list(items)
         random.Random(seed).shuffle(items)
         needed = test_size + val_size + (train_size or self.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -13,13 +14,13 @@ from torch import Tensor, nn
 from .adapters import Adapter, AdapterConfig
 from .algorithms import RLOO, Algorithm
 from .bases import LocalBase
-from .data import PromptBatch, repeat_prompts
+from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
 from .metrics import Samples
 from .policy import Sampling, TailoredPolicy
 from .remote import RemoteBase
-from .rewards import Reward
-from .types import Rollout
+from .rewards import Reward, RewardContractError, check_scores
+from .types import LossOutput, Rollout
 
 POLICIES = ("tailored", "base")
 FROZEN = ("policy.base.", "reward.", "evaluation.")  # state_dict prefixes rebuilt at start-up, never checkpointed
@@ -124,6 +125,7 @@ class IPAModule(LightningModule):
         losses = []
         for minibatch in self.algorithm.minibatches(experience):
             loss = self.algorithm.loss(self.policy.evaluate(minibatch.rollout, self.algorithm.needs_exact_kl), minibatch)
+            self.check_finite(loss, batch_idx, update=len(losses))
             optimizer.zero_grad()
             self.manual_backward(loss.loss)
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
@@ -135,8 +137,31 @@ class IPAModule(LightningModule):
         self.log_training(rollout, scores, losses)
 
     def score(self, batch: PromptBatch, responses: list[str]) -> dict[str, Tensor]:
-        scores = self.reward(batch["prompt"], responses, batch["meta"])
-        return {name: torch.as_tensor(value, dtype=torch.float32, device=self.device) for name, value in scores.items()}
+        """Scores [B] (float32, on this module's device) by name; a reward output that breaks the contract
+        (``rewards.Reward``: a mapping with ``reward``, one finite number per response) stops the run here."""
+        prompts = batch["prompt"]
+        try:
+            scores = check_scores(self.reward, self.reward(prompts, responses, batch["meta"]), prompts, responses)
+        except RewardContractError as error:  # from this reward, or from a part of it (ComposedReward)
+            stage = None if self._trainer is None else self.trainer.state.stage
+            error.when = "" if stage is None else f"{stage.value}, global step {self.global_step}"
+            raise
+        return {name: value.to(self.device) for name, value in scores.items()}
+
+    def check_finite(self, loss: LossOutput, batch_idx: int, update: int) -> None:
+        """Stop the run before a non-finite loss reaches the adapter's weights (through ``optimizer.step()``)."""
+        if torch.isfinite(loss.loss).all():
+            return
+        stats = ", ".join(f"{name}={value.float().mean().item():.4g}" for name, value in loss.stats.items())
+        adapter = "finite" if all(torch.isfinite(p).all() for p in self.policy.adapter.parameters()) else "NOT finite"
+        raise FloatingPointError(
+            f"non-finite loss {loss.loss.item()} in update {update} of the rollout of batch_idx {batch_idx}, epoch {self.current_epoch} "
+            f"(global step {self.global_step}), stopped before its optimizer step: nothing of it reached the adapter. "
+            f"Loss stats: {stats or 'none'}. The adapter's parameters are {adapter}. Likely causes: a learning rate "
+            "too high (model.lr, model.head_lr) or no gradient clip (model.max_grad_norm), a huge KL coefficient or "
+            "rewards of a huge scale (normalise them), half precision overflowing (trainer.precision: 32-true), or an "
+            "algorithm's setting that divides by ~0 (e.g. advantages whitened over identical rewards)."
+        )
 
     def ended(self, rollout: Rollout) -> Tensor:
         """[B] whether each response ended with EOS (rather than at ``max_new_tokens``)."""
@@ -227,6 +252,36 @@ class IPAModule(LightningModule):
 
     # ---- optimisation and checkpoints ----
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before any work, inputs that would waste it: splits the stage reads that are empty or missing
+        (``PromptDataModule.check_splits``; for ``fit`` the validation split too, whose loader Lightning builds only at
+        the first validation) and, for ``fit``, an update schedule that does not count whole rollouts.
+
+        Raises:
+            ValueError: an empty split or fewer training prompts than a batch per process; a ``minibatch_size`` that does
+                not divide the samples of a rollout (``Algorithm.updates_per_rollout``); a ``trainer.max_steps`` that is
+                not a whole number of rollouts (optimizer steps per rollout = epochs × minibatches), with the nearest valid values.
+        """
+        data = self.trainer.datamodule
+        if not isinstance(data, PromptDataModule):
+            return  # dataloaders given directly: nothing to check against
+        data.check_splits(stage)
+        if stage != "fit":
+            return
+        steps = self.algorithm.updates_per_rollout(data.batch_size)
+        max_steps = self.trainer.max_steps
+        if max_steps > 0 and max_steps % steps:
+            below = max_steps // steps * steps
+            nearest = " or ".join(str(n) for n in (below, below + steps) if n > 0)
+            minibatches = steps // self.algorithm.epochs
+            size = self.algorithm.experience_size(data.batch_size)[0] // minibatches
+            raise ValueError(
+                f"trainer.max_steps={max_steps} is not a whole number of rollouts: {self.algorithm.__class__.__name__} makes "
+                f"{steps} optimizer steps per rollout (epochs={self.algorithm.epochs} × {minibatches} "
+                f"minibatch{'es' * (minibatches != 1)} of {size}) and Lightning stops only between rollouts, so the run would "
+                f"overshoot it; set --trainer.max_steps to {nearest}"
+            )
+
     def configure_optimizers(self) -> dict[str, Any]:
         head = self.policy.adapter.fresh_parameters() + list(self.algorithm.parameters())
         head_ids = {id(p) for p in head}
@@ -239,16 +294,57 @@ class IPAModule(LightningModule):
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
+    def checkpointed_keys(self) -> set[str]:
+        """The ``state_dict`` keys a checkpoint holds: what training changes (the adapter's trainable weights, the
+        algorithm's parameters, buffers and pool). The frozen rest (the base, the adapter's frozen layers, rewards and
+        evaluation models) is rebuilt from its own weights at start-up."""
+        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k for k in self.state_dict() if k not in frozen and not k.startswith(FROZEN)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}  # rebuilt at start-up
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen and not k.startswith(FROZEN)}
+        kept = self.checkpointed_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         hparams = checkpoint.get("hyper_parameters", {})
         for name in [k for k, v in hparams.items() if isinstance(v, nn.Module)]:
             del hparams[name]  # a base passed as an object (outside the CLI) is not saved either
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the RNG; first refuses a checkpoint whose tensors do not fit the configured module.
+
+        Raises:
+            ValueError: The checkpoint lacks tensors the configured adapter/algorithm trains, has ones it does not
+                have, or has other shapes (say ``adapter.head`` or ``adapter.num_layers`` differ from training's): it
+                names them. Loading it leniently would leave parts untrained without a word.
+        """
+        self.check_fits(checkpoint["state_dict"])
         if "rng" in checkpoint:
             torch.set_rng_state(checkpoint["rng"]["torch"])
             if checkpoint["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+    def check_fits(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError naming the keys and shapes by which a checkpoint's ``state_dict`` and ``checkpointed_keys`` differ."""
+        expected, saved, own = self.checkpointed_keys(), set(state_dict), self.state_dict()
+
+        def listed(keys: set[str]) -> str:
+            keys_ = sorted(keys)
+            return ", ".join(keys_[:6]) + (f" and {len(keys_) - 6} more" if len(keys_) > 6 else "")
+
+        problems = []
+        if missing := expected - saved:
+            problems.append(f"configured but not in the checkpoint: {listed(missing)}")
+        if unexpected := saved - expected:
+            problems.append(f"in the checkpoint but not configured: {listed(unexpected)}")
+        problems += [
+            f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} configured"
+            for k, v in sorted(state_dict.items()) if k in own and torch.is_tensor(v) and torch.is_tensor(own[k]) and v.shape != own[k].shape
+        ]
+        if problems:
+            path = Path(self._trainer.ckpt_path) if self._trainer is not None and self._trainer.ckpt_path else None
+            config = path.parents[1] / "config.yaml" if path is not None and len(path.parents) > 1 else None
+            hint = f"pass --config {config}" if config is not None and config.is_file() else "use the configuration it was trained with"
+            raise ValueError(
+                f"the checkpoint {path or ''} does not fit the configured model (adapter, algorithm):\n  " + "\n  ".join(problems)
+                + f"\nTo load it, {hint} (with your changes to decoding or evaluation after it)"
+            )

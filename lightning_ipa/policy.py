@@ -148,6 +148,12 @@ class TailoredPolicy(nn.Module):
     """
 
     def __init__(self, base: LocalBase | RemoteBase, adapter: Optional[Adapter], alpha: float = 1.0, sampling: Sampling = Sampling()):
+        """Raises ValueError for an ``alpha`` (the adapter's weight α) that is negative or not finite."""
+        if not 0 <= alpha < float("inf"):
+            raise ValueError(
+                f"alpha must be ≥ 0 and finite, got {alpha}: it weighs the adapter in log_softmax(base) + α·adapter (0: the base "
+                "alone, 1: the product of experts); a negative α inverts the adapter, making what it favours less likely (--model.alpha)"
+            )
         super().__init__()
         self.base = base
         self.adapter = adapter

@@ -31,7 +31,13 @@ class Algorithm(nn.Module, ABC):
         kl_loss_coef: float,
         kl_estimator: KLEstimator = "full",
     ):
+        """Raises ValueError for ``samples_per_prompt``, ``epochs`` or ``minibatch_size`` below 1, or an unknown ``kl_estimator``."""
         super().__init__()
+        counts = {"samples_per_prompt": samples_per_prompt, "epochs": epochs, "minibatch_size": minibatch_size}
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                null = " (or null)" if name == "minibatch_size" else ""
+                raise ValueError(f"{type(self).__name__}: {name} must be ≥ 1{null}, got {value}")
         if kl_estimator not in get_args(KLEstimator):
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {list(get_args(KLEstimator))}")
         self.samples_per_prompt = samples_per_prompt
@@ -85,6 +91,29 @@ class Algorithm(nn.Module, ABC):
     def metrics(self) -> dict[str, Tensor]:
         """The algorithm's state worth watching, logged as ``train/<name>`` after each RL step."""
         return {"kl_coef": self.kl_coef}
+
+    def experience_size(self, prompts: int) -> tuple[int, str]:
+        """Samples that ``minibatches`` splits per rollout of ``prompts`` prompts, and how they come about (for messages)."""
+        return prompts * self.samples_per_prompt, f"{prompts} prompts × samples_per_prompt={self.samples_per_prompt}"
+
+    def updates_per_rollout(self, prompts: int) -> int:
+        """Optimizer steps per rollout of ``prompts`` prompts (the data's batch_size): epochs × minibatches.
+
+        Raises:
+            ValueError: ``minibatch_size`` does not divide the samples of a rollout (``experience_size``): the last
+                minibatch would be smaller and the steps would not count whole rollouts; the message lists the sizes that do.
+        """
+        size, how = self.experience_size(prompts)
+        minibatch = self.minibatch_size or size
+        if size % minibatch:
+            divisors = [str(d) for d in range(1, size + 1) if size % d == 0]
+            choices = " or ".join([", ".join(divisors[:-1]), divisors[-1]] if len(divisors) > 1 else divisors)
+            raise ValueError(
+                f"minibatch_size={minibatch} does not divide the {size} samples trained on per rollout ({how}): its minibatches "
+                f"would be uneven; set --model.algorithm.init_args.minibatch_size to {choices} (null: one minibatch), "
+                f"or change --data.init_args.batch_size or samples_per_prompt"
+            )
+        return self.epochs * (size // minibatch)
 
     def minibatches(self, experience: Experience) -> Iterator[Experience]:
         """``epochs`` shuffled passes over the experience, in minibatches."""

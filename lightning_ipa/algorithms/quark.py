@@ -118,6 +118,13 @@ class Quark(Algorithm):
     def needs_exact_kl(self) -> bool:
         return True
 
+    def experience_size(self, prompts: int) -> tuple[int, str]:
+        """``prepare`` replays as many pool samples as a rollout has, at most ``pool_size`` (all the pool holds)."""
+        rollout = prompts * self.samples_per_prompt
+        how = f"as many as a rollout's {rollout}, {prompts} prompts × samples_per_prompt={self.samples_per_prompt}, replayed from the pool"
+        bounded = f", but at most pool_size={self.pool.capacity}" if self.pool.capacity < rollout else ""
+        return min(rollout, self.pool.capacity), how + bounded
+
     def setup(self, adapter: Adapter) -> None:
         adapter.add_controls(self.quantiles, self.control)
 

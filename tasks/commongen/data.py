@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from lightning_ipa.data import PromptDataModule, read_records
+from lightning_ipa.data import PromptDataModule, check_sizes, read_records, text_lines
 from tasks.quickstart.data import concept_sets
 
 HUB_NAME = "allenai/common_gen"
@@ -78,11 +78,15 @@ def read_concept_sets(source: str, split: str = "train") -> list[ConceptSet]:
 
 
 def records(source: str, split: str) -> Iterator[tuple[str, Any]]:
-    """``read_records``, plus IPA's layout: a ``.json`` file holding one object that maps ids to items."""
+    """``read_records``, plus IPA's layout: a ``.json`` file holding one object that maps ids to items.
+
+    Raises:
+        ValueError: a file that is not UTF-8 (file:line:column, ``text_lines``) or not JSON; as ``read_records``.
+    """
     path = Path(source).expanduser()
     if path.suffix == ".json" and path.is_file():
         try:
-            whole = json.loads(path.read_text())
+            whole = json.loads("\n".join(line for _, line in text_lines(path)))
         except json.JSONDecodeError:
             whole = None  # JSON lines: read row by row below
         if isinstance(whole, dict) and not {"concepts", "human_order"} & set(whole):
@@ -144,6 +148,7 @@ class CommonGenDataModule(PromptDataModule):
         """
         super().__init__(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
+        check_sizes(train_size=train_size, val_size=val_size, test_size=test_size)
         self.template = template or (ORDERED_TEMPLATE if ordered else UNORDERED_TEMPLATE)
         if "{concepts}" not in self.template:
             raise ValueError(f"template must contain '{{concepts}}', got {self.template!r}")

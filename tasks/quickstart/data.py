@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
-from pathlib import Path
 from typing import Optional
 
-from lightning_ipa.data import PromptDataModule
+from lightning_ipa.data import PromptDataModule, check_sizes, text_lines
 
 NOUNS = """
 apple baby ball beach bed bell bicycle bird boat book bottle box bread bridge brush bus cake
@@ -29,7 +29,21 @@ ride run sail sell sew shake sing sit sleep smell splash stand swim throw wash w
 
 
 def concept_sets(n: int, size: int, rng: random.Random) -> list[tuple[str, ...]]:
-    """n distinct sets of ``size`` words: one verb and size−1 nouns, in random order."""
+    """n distinct sets of ``size`` words: one verb and size−1 nouns, in random order.
+
+    Raises:
+        ValueError: ``size`` < 1, or more sets asked for than the word lists hold (the draw would never end).
+    """
+    verbs, nouns = set(VERBS), set(NOUNS)  # a word may be both ("watch")
+    possible = 0  # sets with a verb that is no noun, and sets of nouns only, one of them a verb too
+    if size >= 1:
+        possible = len(verbs - nouns) * math.comb(len(nouns), size - 1) + math.comb(len(nouns), size) - math.comb(len(nouns - verbs), size)
+    if n > possible:
+        raise ValueError(
+            f"{n} concept sets of {size} word{'s' * (size != 1)} asked for (train_size + val_size), but the word lists hold only "
+            f"{possible} distinct sets of one verb and {size - 1} noun{'s' * (size != 2)}: lower train_size or val_size, or raise "
+            f"concepts_per_prompt (≥ 2)"
+        )
     sets: set[tuple[str, ...]] = set()
     while len(sets) < n:
         words = [rng.choice(VERBS), *rng.sample(NOUNS, size - 1)]
@@ -38,18 +52,28 @@ def concept_sets(n: int, size: int, rng: random.Random) -> list[tuple[str, ...]]
     return [tuple(rng.sample(s, size)) for s in sorted(sets)]
 
 
+SHAPES = '{"concepts": [words]}, [words] or space-separated words'
+
+
 def read_concepts(path: str) -> list[list[str]]:
-    """Concept lists from a file: JSON lines ``{"concepts": [...]}`` or plain space-separated words."""
+    """Concept lists from a UTF-8 file, one per line: JSON ``{"concepts": [...]}``, a JSON list of words, or plain
+    space-separated words.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a byte that is not UTF-8 (file:line:column), or a line of another shape (file:line).
+    """
     lists = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         try:
-            concepts = json.loads(line)["concepts"] if line.lstrip().startswith("{") else line.split()
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [words]}} or space-separated words ({error})") from None
-        if not concepts or not all(isinstance(c, str) and c for c in concepts):
-            raise ValueError(f"{path}:{number}: concepts must be a non-empty list of words, got {concepts!r}")
+            concepts = json.loads(line) if line.lstrip().startswith(("{", "[", '"')) else line.split()
+            concepts = concepts["concepts"] if isinstance(concepts, dict) else concepts
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}:{number}: expected {SHAPES} ({error!r})") from None
+        if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise ValueError(f"{path}:{number}: concepts must be a non-empty list of words, got {concepts!r}; expected {SHAPES}")
         lists.append(concepts)
     return lists
 
@@ -79,10 +103,15 @@ class ConceptsDataModule(PromptDataModule):
             val_size: Held-out concept sets (never trained on), used by validate and test.
             seed: Seed of the concept-set draw.
             template: Prompt text; ``{concepts}`` becomes the comma-separated words.
-            predict_file: Concept lists for ``predict`` (JSONL ``{"concepts": [...]}`` or one set of words per line); None: the validation sets.
+            predict_file: Concept lists for ``predict``, one per line of a UTF-8 file (JSON ``{"concepts": [...]}``, a JSON list
+                of words, or space-separated words); None: the validation sets. An empty file is an error.
+
+        Raises:
+            ValueError: a negative size, or a template without ``{concepts}``.
         """
         super().__init__(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
+        check_sizes(train_size=train_size, val_size=val_size)
         if "{concepts}" not in template:
             raise ValueError(f"template must contain '{{concepts}}', got {template!r}")
 

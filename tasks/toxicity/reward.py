@@ -10,6 +10,7 @@ from detoxify import Detoxify
 from profanity_check import predict_prob
 from torch import Tensor
 
+from lightning_ipa.bases import is_local_path
 from lightning_ipa.rewards import ModelReward, Reward
 
 
@@ -39,10 +40,19 @@ class DetoxifyReward(ModelReward):
                 (needed offline; the checkpoint's ``config.arch.args.model_type`` must name a local folder too).
             head: The classifier output used as toxicity (e.g. 'toxicity', 'severe_toxicity', 'insult').
             batch_size: Responses per classifier pass.
+
+        Raises:
+            FileNotFoundError: no such ``checkpoint`` file, or no such ``huggingface_config_path`` folder (``bases.is_local_path``).
+            RuntimeError: the weights cannot be loaded (offline: the message says how to pass local ones).
         """
         super().__init__()
         if checkpoint is not None and not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"Detoxify checkpoint {checkpoint} does not exist")
+            raise FileNotFoundError(f"no such file: {checkpoint} (checkpoint: a Detoxify checkpoint file); check the path")
+        if huggingface_config_path is not None and is_local_path(huggingface_config_path) and not Path(huggingface_config_path).is_dir():
+            raise FileNotFoundError(
+                f"no such folder: {huggingface_config_path} (huggingface_config_path: the transformer's config and tokenizer, "
+                "saved with save_pretrained); check the path"
+            )
         try:
             detoxify = Detoxify(model, checkpoint=checkpoint, huggingface_config_path=huggingface_config_path)
         except OSError as error:  # no network (URLError is an OSError), or a hub name where a folder was needed
