@@ -40,9 +40,10 @@ class RolloutCheckpoint(ModelCheckpoint):
 
     A rollout (or validation) cut short by an exception (a reward that raises, a non-finite loss) is not a state a
     run ever passes through: the weights may be half-updated. Then ``last.ckpt`` stays the previous boundary and
-    the message says which; nothing is written either before the first rollout of the process. So a crash loses at most ``every_n_rollouts`` rollouts, and any ``last.ckpt`` resumes
-    exactly (``fit --ckpt_path last``). Lightning writes checkpoints atomically (a temporary file moved into
-    place), so a kill while saving leaves the previous ``last.ckpt`` whole. With ``monitor`` it also keeps the
+    the message says which; nothing is written either before the first rollout of the process. So a crash loses
+    at most ``every_n_rollouts`` rollouts, and any ``last.ckpt`` resumes exactly (``fit --ckpt_path last``).
+    Lightning writes checkpoints atomically (a temporary file moved into place), so a kill while saving leaves the
+    previous ``last.ckpt`` whole. With ``monitor`` it also keeps the
     ``save_top_k`` best checkpoints at validations, as ``ModelCheckpoint``.
     """
 
@@ -86,11 +87,14 @@ class RolloutCheckpoint(ModelCheckpoint):
             return
         if self._in_rollout or trainer.validating:
             what = "a rollout" if self._in_rollout else "validation"
-            kept = f"the last one stays {self.last_model_path} (step {self._last_global_step_saved})" if self.last_model_path else "none was written yet"
+            kept = "none was written yet"
+            if self.last_model_path:
+                kept = f"the last one stays {self.last_model_path} (step {self._last_global_step_saved})"
             rank_zero_info(f"{type(exception).__name__} during {what}: not a state to resume from, so no checkpoint now; {kept}")
         elif self._rollouts_here and self._should_save_on_exception(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"{type(exception).__name__}: saved {self.last_model_path} (step {trainer.global_step}); resume with --ckpt_path last")
+            saved = f"saved {self.last_model_path} (step {trainer.global_step})"
+            rank_zero_info(f"{type(exception).__name__}: {saved}; resume with --ckpt_path last")
 
 
 class SampleTable(Callback):

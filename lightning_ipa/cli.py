@@ -57,7 +57,8 @@ class IPACLI(LightningCLI):
                 continue_run(config)
                 self.save_config_kwargs["config_filename"] = resumed_config_name(config)
             if differences := config_differences(checkpoint.get("hyper_parameters", {}), config.model.as_dict()):
-                print(f"The configuration given differs from {config.ckpt_path}'s; the configuration given is used:\n  " + "\n  ".join(differences))
+                listed = "\n  ".join(differences)
+                print(f"The configuration given differs from {config.ckpt_path}'s; the configuration given is used:\n  {listed}")
 
     def instantiate_classes(self) -> None:
         """LightningCLI's; an error a class raised while being built (e.g. ``no such folder: PATH`` from

@@ -270,7 +270,7 @@ class IPAModule(LightningModule):
             return
         steps = self.algorithm.updates_per_rollout(data.batch_size)
         max_steps = self.trainer.max_steps
-        if max_steps > 0 and max_steps % steps:
+        if max_steps > 0 and max_steps % steps and not self.trainer.fast_dev_run:  # fast_dev_run=n: n rollouts
             below = max_steps // steps * steps
             nearest = " or ".join(str(n) for n in (below, below + steps) if n > 0)
             minibatches = steps // self.algorithm.epochs
