@@ -47,17 +47,31 @@ class RolloutCheckpoint(ModelCheckpoint):
     ``save_top_k`` best checkpoints at validations, as ``ModelCheckpoint``.
     """
 
-    def __init__(self, every_n_rollouts: Optional[int] = 10, save_top_k: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        every_n_rollouts: Optional[int] = 10,
+        dirpath: Optional[str] = None,
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        save_top_k: int = 0,
+        filename: Optional[str] = None,
+        verbose: bool = False,
+    ):
         """
         Args:
             every_n_rollouts: Rollouts (training batches) between two writes of ``last.ckpt`` (None: only at
                 validations, the end and interruptions).
+            dirpath: Folder of the checkpoints (None: the run's ``checkpoints/``).
+            monitor: A logged metric by which to keep the best checkpoints at validations (e.g. ``val/reward/tailored``).
+            mode: 'max' or 'min' for ``monitor``.
             save_top_k: Best checkpoints to keep by ``monitor`` (0: only ``last.ckpt``).
-            **kwargs: Further ``ModelCheckpoint`` arguments (``dirpath``, ``monitor``, ``mode``, ``filename``, ...).
+            filename: Name pattern of those (``ModelCheckpoint``'s).
+            verbose: Report each save.
         """
         if every_n_rollouts is not None and every_n_rollouts < 1:
             raise ValueError(f"every_n_rollouts must be ≥ 1 (or None), got {every_n_rollouts}")
-        super().__init__(save_last=True, save_top_k=save_top_k, save_on_exception=True, **kwargs)
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=True, save_top_k=save_top_k,
+                         save_on_exception=True, mode=mode, enable_version_counter=False)  # last.ckpt: one, always the newest
         self.every_n_rollouts = every_n_rollouts
         self._in_rollout = False
         self._rollouts_here = 0  # completed by this process (an error before the first leaves nothing behind)
@@ -81,6 +95,20 @@ class RolloutCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)  # the best by ``monitor``, if any
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:  # the end is a resume point too
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        """``ModelCheckpoint``'s, written beside ``filepath`` and then renamed onto it, so that the replacement is
+        atomic on its own filesystem (Lightning stages the file in ``$TMPDIR``, and a move from another filesystem is
+        a copy, which a kill can cut short)."""
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            self._fs.mv(partial, filepath)
+        self._last_checkpoint_saved = filepath
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
@@ -122,6 +150,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's are private: 0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

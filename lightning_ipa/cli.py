@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data import PromptDataModule
@@ -30,6 +31,20 @@ from .module import IPAModule
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback``, written once the run starts (``on_fit_start``, or the start of
+    validate/test/predict) rather than at ``setup``: a run refused at start-up (a bad input, a checkpoint that does
+    not fit, a missing file) leaves no run folder behind to be mistaken for a run."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.stage = stage
+
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, self.stage)  # once: ``already_saved``
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = write
 
 
 class IPACLI(LightningCLI):
@@ -48,17 +63,22 @@ class IPACLI(LightningCLI):
         for args in logger_args(config):
             if config.trainer.get("default_root_dir") is not None:
                 args.save_dir = str(config.trainer.default_root_dir)
-        if config.get("ckpt_path") == "last":
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
             resolve_last(config)
+        elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).is_file():
+            what = "a folder, not a checkpoint file" if Path(ckpt).is_dir() else "no such file"
+            raise SystemExit(f"--ckpt_path {ckpt}: {what}; pass a .ckpt file (a run's checkpoints/last.ckpt) or `last`")
         if config.get("ckpt_path") and Path(config.ckpt_path).is_file():
             checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
             if self.subcommand == "fit":
                 refuse_finished(config, checkpoint)
                 continue_run(config)
-                self.save_config_kwargs["config_filename"] = resumed_config_name(config)
-            if differences := config_differences(checkpoint.get("hyper_parameters", {}), config.model.as_dict()):
-                listed = "\n  ".join(differences)
-                print(f"The configuration given differs from {config.ckpt_path}'s; the configuration given is used:\n  {listed}")
+            print_differences(self.subcommand, config, checkpoint)
+        elif self.subcommand == "fit":
+            refuse_occupied(config)
+        if self.subcommand == "fit":
+            self.save_config_kwargs["config_filename"] = config_name(config)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's; an error a class raised while being built (e.g. ``no such folder: PATH`` from
@@ -108,36 +128,61 @@ def logger_args(config) -> list[Any]:
     return [lg.init_args for lg in loggers if lg and not isinstance(lg, bool) and "init_args" in lg and "save_dir" in lg.init_args]
 
 
-def run_folders(run_dir: Path) -> list[Path]:
-    """The training runs in ``save_dir/name``, oldest first: ``version_N`` folders with a ``config.yaml`` (written by ``fit``;
-    validate/test/predict write ``config.<subcommand>.yaml``) or checkpoints."""
-    runs = [p for p in run_dir.glob("version_*") if p.name.removeprefix("version_").isdigit()]
-    runs = [p for p in runs if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir()]
-    return sorted(runs, key=lambda p: int(p.name.removeprefix("version_")))
+def runs_of(args) -> Path:
+    """``save_dir/name``: where a logger's ``version_N`` run folders are."""
+    return Path(args.save_dir) / (args.get("name") or "lightning_logs")
+
+
+def version_folder(args) -> Optional[Path]:
+    """The run folder of a logger's given ``version`` (None: none given, the logger takes the next)."""
+    version = args.get("version")
+    return None if version is None else runs_of(args) / (version if isinstance(version, str) else f"version_{version}")
+
+
+def run_folder(config) -> Optional[Path]:
+    """Where this run writes ``config.yaml`` and ``checkpoints/``, if known before it starts: the logger's given
+    version, or without a logger ``trainer.default_root_dir`` (Lightning's default: the working directory)."""
+    args = next(iter(logger_args(config)), None)
+    if args is not None:
+        return version_folder(args)
+    if not config.trainer.get("logger"):
+        return Path(config.trainer.get("default_root_dir") or ".")
+    return None
+
+
+def training_runs(runs: Path) -> list[Path]:
+    """The training runs in ``save_dir/name``, oldest first: ``version_N`` folders with a ``config.yaml`` (written by
+    ``fit`` once it starts; validate/test/predict write ``config.<subcommand>.yaml``) or checkpoints."""
+    found = [p for p in runs.glob("version_*") if p.name.removeprefix("version_").isdigit()]
+    found = [p for p in found if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("version_")))
 
 
 def resolve_last(config) -> None:
     """``--ckpt_path last``: the ``last.ckpt`` of ``--trainer.logger.init_args.version`` if given, else of the newest
-    training run. Raises SystemExit, naming the runs that have a checkpoint, when that run has none (say a run
-    killed before its first checkpoint): never another run's."""
+    training run (without a logger: ``default_root_dir/checkpoints/last.ckpt``). Raises SystemExit when that run
+    has none (say a run killed before its first checkpoint), naming the runs that have one: never another run's."""
     args = next(iter(logger_args(config)), None)
     if args is None:
-        return  # not a logger with folders: Lightning resolves "last" itself
-    run_dir = Path(args.save_dir) / (args.get("name") or "lightning_logs")
-    runs = run_folders(run_dir)
-    version = args.get("version")
-    if version is not None:
-        run = run_dir / (version if isinstance(version, str) else f"version_{version}")
-    elif runs:
-        run = runs[-1]
-    else:
-        raise SystemExit(f"--ckpt_path last: no training run in {run_dir}; run `fit` first or pass a checkpoint path")
+        if config.trainer.get("logger"):
+            return  # a logger without folders: Lightning resolves "last" itself
+        last = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise SystemExit(f"--ckpt_path last: no {last} (no logger: checkpoints go to default_root_dir/checkpoints); pass a checkpoint path")
+        config.ckpt_path = str(last)
+        print(f"--ckpt_path last: {last}")
+        return
+    runs = training_runs(runs_of(args))
+    run = version_folder(args) or (runs[-1] if runs else None)
+    if run is None:
+        raise SystemExit(f"--ckpt_path last: no training run in {runs_of(args)}; run `fit` first or pass a checkpoint path")
     last = run / "checkpoints" / "last.ckpt"
     if not last.is_file():
+        why = "no such run" if not run.is_dir() else "stopped before its first checkpoint?" if run in runs else "not a training run"
         others = [f"{r / 'checkpoints' / 'last.ckpt'}" for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
         listing = ("runs with a checkpoint:\n  " + "\n  ".join(others)) if others else "no run there has a checkpoint"
         raise SystemExit(
-            f"--ckpt_path last: {run} has no checkpoints/last.ckpt (stopped before its first checkpoint?); {listing}\n"
+            f"--ckpt_path last: {run} has no checkpoints/last.ckpt ({why}); {listing}\n"
             f"Pass one of them as --ckpt_path, or pick a run with --trainer.logger.init_args.version=N, or start afresh without --ckpt_path"
         )
     config.ckpt_path = str(last)
@@ -145,16 +190,21 @@ def resolve_last(config) -> None:
 
 
 def continue_run(config) -> None:
-    """``fit`` from a checkpoint of a run in the logger's ``save_dir/name``: the logger continues that run's folder
-    (its TensorBoard curves go on, its ``last.ckpt`` is updated), unless a ``version`` is given."""
+    """``fit`` from a checkpoint of a run in the TensorBoard logger's ``save_dir/name``: the logger continues that run's
+    folder (its curves go on in a new events file, its ``last.ckpt`` is updated), unless a ``version`` is given.
+    Other loggers start a new folder (CSVLogger would replace the run's ``metrics.csv``)."""
     args = next(iter(logger_args(config)), None)
     if args is None or args.get("version") is not None:
         return
     run = Path(config.ckpt_path).resolve().parents[1]
-    if run.parent == (Path(args.save_dir) / (args.get("name") or "lightning_logs")).resolve() and run.name.startswith("version_"):
-        number = run.name.removeprefix("version_")
-        args.version = int(number) if number.isdigit() else run.name
-        print(f"Resuming {run}")
+    if run.parent != runs_of(args).resolve() or not run.name.startswith("version_"):
+        return
+    if not str(config.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        print(f"Resuming {run}'s checkpoint in a new run folder: {config.trainer.logger.class_path} would overwrite its logs")
+        return
+    number = run.name.removeprefix("version_")
+    args.version = int(number) if number.isdigit() else run.name
+    print(f"Resuming {run}")
 
 
 def refuse_finished(config, checkpoint: dict[str, Any]) -> None:
@@ -167,17 +217,50 @@ def refuse_finished(config, checkpoint: dict[str, Any]) -> None:
         )
 
 
-def resumed_config_name(config) -> str:
-    """A resumed ``fit`` keeps its run's ``config.yaml`` and writes its own configuration beside it as ``config.resume<K>.yaml``."""
-    args = next(iter(logger_args(config)), None)
-    if args is None or args.get("version") is None:
+def refuse_occupied(config) -> None:
+    """A fresh ``fit`` into a folder that already holds a run (a ``version`` given, or no logger) would mix the two and
+    overwrite its ``config.yaml``: refuse, saying how to resume it or start elsewhere."""
+    folder = run_folder(config)
+    if folder is not None and ((folder / "config.yaml").is_file() or (folder / "checkpoints").is_dir()):
+        raise SystemExit(
+            f"{folder} already holds a run: resume it with --ckpt_path last, or start this one elsewhere "
+            f"(another --trainer.logger.init_args.version, or --trainer.default_root_dir)"
+        )
+
+
+def config_name(config) -> str:
+    """``config.yaml`` for a new run; a resumed one keeps its ``config.yaml`` and writes its own beside it as ``config.resume<K>.yaml``."""
+    folder = run_folder(config)
+    if folder is None or not (folder / "config.yaml").is_file():
         return "config.yaml"
-    version = args.version if isinstance(args.version, str) else f"version_{args.version}"
-    run = Path(args.save_dir) / (args.get("name") or "lightning_logs") / version
     k = 1
-    while (run / f"config.resume{k}.yaml").exists():
+    while (folder / f"config.resume{k}.yaml").exists():
         k += 1
-    return f"config.resume{k}.yaml" if (run / "config.yaml").exists() else "config.yaml"
+    return f"config.resume{k}.yaml"
+
+
+TRAINING_STATE = ("model.lr", "model.head_lr", "model.weight_decay", "model.lr_scheduler", "model.algorithm.kl_coef")
+
+
+def print_differences(subcommand: str, config, checkpoint: dict[str, Any]) -> None:
+    """Print where the configuration given and the checkpoint's saved hyperparameters (model and data) differ.
+
+    The configuration given is what runs; but ``fit`` continues the checkpoint's training state (the optimizer's
+    learning rates and weight decay, the scheduler, the adaptive KL coefficient), so those are listed apart, and
+    left out for the other subcommands, which do not train.
+    """
+    data = config.data.get("init_args") if "init_args" in config.data else config.data
+    differences = config_differences(checkpoint.get("hyper_parameters", {}), config.model.as_dict())
+    differences += config_differences(checkpoint.get("datamodule_hyper_parameters", {}), data.as_dict(), "data.")
+    state = [d for d in differences if d.split(":")[0].startswith(TRAINING_STATE)]
+    used = [d for d in differences if d not in state]
+    lines = [f"The configuration given differs from {config.ckpt_path}'s:"] if used or (state and subcommand == "fit") else []
+    if used:
+        lines += ["  used as given:", *(f"    {d}" for d in used)]
+    if state and subcommand == "fit":
+        lines += ["  training state, continued from the checkpoint (the given values apply to fresh runs):", *(f"    {d}" for d in state)]
+    if lines:
+        print("\n".join(lines))
 
 
 def config_differences(saved: dict[str, Any], given: dict[str, Any], prefix: str = "model.") -> list[str]:
@@ -224,6 +307,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
             DistillModule if distill else IPAModule,
             PromptDataModule,
             subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
             parser_kwargs={"parser_mode": "omegaconf"},
             # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -171,12 +172,28 @@ class EpochShuffle(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
+    def settings(self) -> dict[str, int]:
+        """What the order of a pass depends on."""
+        return {"size": self.size, "batch_size": self.batch_size, "seed": self.seed, "num_replicas": self.num_replicas}
+
     def state_dict(self) -> dict[str, int]:
-        return {"passes": self.passes, "dealt": self.dealt}
+        return {"passes": self.passes, "dealt": self.dealt, **self.settings()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Continue where ``state_dict`` was taken: within its pass, or with the next one if that pass was dealt out."""
+        """Continue where ``state_dict`` was taken: within its pass, or with the next one if that pass was dealt out.
+
+        If the order's settings changed since (training prompts, batch size, seed, processes), the place in the pass
+        no longer means the same prompts: a warning says so and training goes on with a new pass.
+        """
         passes, dealt = state_dict["passes"], state_dict["dealt"]
+        changed = {k: (state_dict[k], v) for k, v in self.settings().items() if k in state_dict and state_dict[k] != v}
+        was = {k: state_dict.get(k, v) for k, v in self.settings().items()}
+        dealt_out = was["size"] // was["num_replicas"] // was["batch_size"] * was["batch_size"]  # a pass then
+        if changed and 0 < dealt < dealt_out:
+            listed = ", ".join(f"{k} {old} → {new}" for k, (old, new) in changed.items())
+            rank_zero_warn(f"The training prompts' order changed since the checkpoint ({listed}): its place in pass {passes} "
+                           f"does not apply, so training goes on with a new pass")
+            dealt = self.num_samples
         mid_pass = 0 < dealt < self.num_samples
         self.passes, self._resume_at = (passes - 1, dealt) if mid_pass else (passes, 0)
 

@@ -154,9 +154,10 @@ class IPAModule(LightningModule):
             return
         stats = ", ".join(f"{name}={value.float().mean().item():.4g}" for name, value in loss.stats.items())
         adapter = "finite" if all(torch.isfinite(p).all() for p in self.policy.adapter.parameters()) else "NOT finite"
+        earlier = f" (the rollout's {update} earlier updates were applied)" if update else ""
         raise FloatingPointError(
             f"non-finite loss {loss.loss.item()} in update {update} of the rollout of batch_idx {batch_idx}, epoch {self.current_epoch} "
-            f"(global step {self.global_step}), stopped before its optimizer step: nothing of it reached the adapter. "
+            f"(global step {self.global_step}), stopped before its optimizer step: nothing of it reached the adapter{earlier}. "
             f"Loss stats: {stats or 'none'}. The adapter's parameters are {adapter}. Likely causes: a learning rate "
             "too high (model.lr, model.head_lr) or no gradient clip (model.max_grad_norm), a huge KL coefficient or "
             "rewards of a huge scale (normalise them), half precision overflowing (trainer.precision: 32-true), or an "

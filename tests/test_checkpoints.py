@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,12 @@ from typing import Any
 import pytest
 import torch
 
+from lightning import Trainer
+
 from lightning_ipa import RemoteBase
+from lightning_ipa.callbacks import write_text_atomic
 from lightning_ipa.cli import CONF, DEFAULT_CONFIG, main
+from lightning_ipa.data import EpochShuffle
 from tasks.quickstart import ConceptCoverage
 from tests.test_cli import ROOT, scalars, tiny_args
 from tests.test_remote import FaultyServer
@@ -194,3 +199,100 @@ def test_two_processes_resume_mid_pass_as_they_run_straight(tiny_llama, tmp_path
     straight, resumed = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert straight.keys() == resumed.keys() and straight["policy.adapter.head.projection.weight"].abs().sum() > 0
     assert all(torch.equal(straight[k], resumed[k]) for k in straight if torch.is_tensor(straight[k]))
+
+
+def test_fit_ends_with_a_checkpoint_of_its_last_rollout(tiny_llama, tmp_path):
+    fit(tiny_llama, tmp_path, 3)  # validations (and checkpoints) after rollouts 2; the end at 3
+    assert last_step(tmp_path / "quickstart" / "version_0") == 3
+
+
+def test_a_moved_run_resumes_into_its_own_last_ckpt(tiny_llama, tmp_path):
+    fit(tiny_llama, tmp_path / "a", 2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the checkpoint remembers a's folder
+    for steps in (3, 4):
+        fit(tiny_llama, tmp_path / "b", steps, "--ckpt_path", "last")
+        run = tmp_path / "b" / "quickstart" / "version_0"
+        assert last_step(run) == steps and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert last_step(tmp_path / "a" / "quickstart" / "version_0") == 2
+
+
+def test_a_resume_says_which_settings_are_used_and_which_continue(tiny_llama, tmp_path, capsys):
+    fit(tiny_llama, tmp_path, 2)
+    fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last", "--model.lr=0.01", "--model.sampling.top_p=0.5", "--data.init_args.val_size=4")
+    out = capsys.readouterr().out
+    used, _, continued = out.partition("training state, continued from the checkpoint")
+    assert "model.sampling.top_p: 0.5 (checkpoint: 0.9)" in used and "data.val_size: 4 (checkpoint: 6)" in used
+    assert "model.lr: 0.01 (checkpoint: 0.0001)" in continued
+
+
+def test_a_changed_order_of_prompts_starts_a_new_pass_and_says_so():
+    sampler = EpochShuffle(8, batch_size=2, seed=0)
+    state = {"passes": 1, "dealt": 4, **sampler.settings()}  # half-way through the first pass
+    sampler.load_state_dict(state)
+    assert list(sampler) == list(EpochShuffle(8, batch_size=2, seed=0))[4:]
+    bigger = EpochShuffle(12, batch_size=2, seed=0)
+    with pytest.warns(UserWarning, match=r"changed since the checkpoint \(size 8 → 12\).*goes on with a new pass"):
+        bigger.load_state_dict(state)
+    second = EpochShuffle(12, batch_size=2, seed=0)
+    list(second)
+    assert list(bigger) == list(second)  # the second pass, whole
+
+
+def test_a_refused_start_leaves_no_run_behind(tiny_llama, tmp_path):
+    fit(tiny_llama, tmp_path, 2)
+    with pytest.raises(ValueError, match="minibatch_size=3 does not divide"):
+        fit(tiny_llama, tmp_path, 4, "--model.algorithm.init_args.minibatch_size=3")
+    with pytest.raises(ValueError, match="does not fit the configured model"):
+        fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last", "--model.adapter.num_layers=1")
+    with pytest.raises(SystemExit, match="--ckpt_path .*typo.ckpt: no such file"):
+        fit(tiny_llama, tmp_path, 4, "--ckpt_path", str(tmp_path / "typo.ckpt"))
+    runs = tmp_path / "quickstart"  # (Lightning creates a logger's folder and events file before any check can run)
+    assert [p.parent.name for p in runs.glob("*/config*.yaml")] == ["version_0"] and not list(runs.glob("*/checkpoints/*.partial"))
+    with pytest.raises(SystemExit, match=r"version_7 has no checkpoints/last.ckpt \(no such run\)"):
+        fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last", "--trainer.logger.init_args.version=7")
+    with pytest.raises(SystemExit, match="version_0 already holds a run: resume it with --ckpt_path last"):
+        fit(tiny_llama, tmp_path, 4, "--trainer.logger.init_args.version=0")  # a fresh run into it would mix the two
+    assert fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last").trainer.global_step == 4
+
+
+def test_a_csv_logged_run_resumes_in_a_new_folder_keeping_its_metrics(tiny_llama, tmp_path):
+    csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           "--trainer.logger.init_args.name=quickstart", "--trainer.callbacks=[]", "--trainer.callbacks+=lightning_ipa.callbacks.RolloutCheckpoint"]
+    fit(tiny_llama, tmp_path, 2, *csv)
+    first = (tmp_path / "quickstart" / "version_0" / "metrics.csv").read_text()
+    resumed = fit(tiny_llama, tmp_path, 4, *csv, "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 4 and Path(resumed.trainer.log_dir).name == "version_1"
+    assert (tmp_path / "quickstart" / "version_0" / "metrics.csv").read_text() == first
+
+
+def test_without_a_logger_last_is_the_default_root_dirs(tiny_llama, tmp_path):
+    alone = ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks=[]",
+             "--trainer.callbacks+=lightning_ipa.callbacks.RolloutCheckpoint"]
+    with pytest.raises(SystemExit, match="--ckpt_path last: no .*checkpoints/last.ckpt"):
+        fit(tiny_llama, tmp_path, 2, *alone, "--ckpt_path", "last")
+    fit(tiny_llama, tmp_path, 2, *alone)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        fit(tiny_llama, tmp_path, 2, *alone)
+    with pytest.raises(SystemExit, match="at step 2, and --trainer.max_steps is 2: nothing to train"):
+        fit(tiny_llama, tmp_path, 2, *alone, "--ckpt_path", "last")
+    assert fit(tiny_llama, tmp_path, 4, *alone, "--ckpt_path", "last").trainer.global_step == 4
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "config.resume1.yaml").is_file()
+
+
+def test_checkpoints_are_written_beside_and_renamed_into_place(tiny_llama, tmp_path, monkeypatch):
+    written = []
+    save = Trainer.save_checkpoint
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, path, *a, **k: (written.append(str(path)), save(self, path, *a, **k))[1])
+    fit(tiny_llama, tmp_path, 2)
+    folder = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    assert written and all(p == str(folder / "last.ckpt.partial") for p in written)  # then renamed: atomic on its filesystem
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_result_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
