@@ -70,7 +70,7 @@ class IPACLI(LightningCLI):
             what = "a folder, not a checkpoint file" if Path(ckpt).is_dir() else "no such file"
             raise SystemExit(f"--ckpt_path {ckpt}: {what}; pass a .ckpt file (a run's checkpoints/last.ckpt) or `last`")
         if config.get("ckpt_path") and Path(config.ckpt_path).is_file():
-            checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # tensors left unread
             if self.subcommand == "fit":
                 refuse_finished(config, checkpoint)
                 continue_run(config)
