@@ -42,9 +42,9 @@ class RolloutCheckpoint(ModelCheckpoint):
     run ever passes through: the weights may be half-updated. Then ``last.ckpt`` stays the previous boundary and
     the message says which; nothing is written either before the first rollout of the process. So a crash loses
     at most ``every_n_rollouts`` rollouts, and any ``last.ckpt`` resumes exactly (``fit --ckpt_path last``).
-    Lightning writes checkpoints atomically (a temporary file moved into place), so a kill while saving leaves the
-    previous ``last.ckpt`` whole. With ``monitor`` it also keeps the
-    ``save_top_k`` best checkpoints at validations, as ``ModelCheckpoint``.
+    Each checkpoint is written beside its target and renamed onto it (``_save_checkpoint``), so a kill while
+    saving leaves the previous ``last.ckpt`` whole. With ``monitor`` it also keeps the ``save_top_k`` best
+    checkpoints at validations, as ``ModelCheckpoint``.
     """
 
     def __init__(
