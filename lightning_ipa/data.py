@@ -262,8 +262,7 @@ class PromptDataModule(LightningDataModule):
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.splits:
-            raise ValueError(f"{type(self).__name__} has no {split!r} split (has {sorted(self.splits)})")
+        self.check_split(split)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything
         shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}  # Lightning keeps
         sampler: Optional[Sampler[int]] = None  # a DistributedSampler as it is: these deal the prompts to the processes
@@ -282,22 +281,18 @@ class PromptDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Raises ValueError for a training split without one whole batch per process (``check_split``)."""
-        self.check_split("train")
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
         """Raises ValueError for an empty or missing split (``check_split``)."""
-        self.check_split("val")
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         """The ``test`` split, else ``val``; raises ValueError when it is empty (``check_split``)."""
-        self.check_split(self.stage_split("test"))
         return self._loader(self.stage_split("test"))
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict`` split, else ``val``; raises ValueError when it is empty (``check_split``)."""
-        self.check_split(self.stage_split("predict"))
         return self._loader(self.stage_split("predict"))
 
     def stage_split(self, stage: str) -> str:
