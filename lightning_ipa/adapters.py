@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
+from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
 from .remote import RemoteBase
 
 ControlMode = Literal["prefix", "every_token"]
@@ -48,6 +48,13 @@ class Adapter(nn.Module):
         self.hidden_size = hidden_size
         self.controls: Optional[nn.Embedding] = None
         self.control_mode: ControlMode = "prefix"
+        self.max_positions = max_positions(body.config)  # its context window (None: unbounded)
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        """The most prompt + response tokens it reads: its context window, less one for a prefix control code (None: unbounded)."""
+        prefix = self.controls is not None and self.control_mode == "prefix"
+        return None if self.max_positions is None else self.max_positions - prefix
 
     def add_controls(self, n: int, mode: ControlMode = "prefix") -> None:
         """Give the adapter ``n`` trainable control codes (Quark's reward quantiles).

@@ -7,12 +7,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 from .types import Prompts, position_ids
 
@@ -112,14 +112,90 @@ def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str], device: torch.device
 ) -> Prompts:
     """Tokenise prompt texts (each as a user turn of the chat template, if asked) into a left-padded batch."""
-    if chat_template:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        prompts = [
-            tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+    enc = tokenizer(chat_texts(tokenizer, prompts, chat_template, system_prompt), return_tensors="pt", padding=True,
+                    add_special_tokens=not chat_template)
     return Prompts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str]) -> list[int]:
+    """The number of tokens ``encode_prompts`` gives each prompt (padding aside)."""
+    texts = chat_texts(tokenizer, prompts, chat_template, system_prompt)
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]]
+
+
+def chat_texts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str]) -> list[str]:
+    """Each prompt as a user turn of the tokenizer's chat template, ready for the assistant's answer (unchanged without ``chat_template``)."""
+    if not chat_template:
+        return list(prompts)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+def max_positions(config: PreTrainedConfig) -> Optional[int]:
+    """The most positions a model of this config reads (its context window), from the config field its family uses
+    (``max_position_embeddings``: Llama, Qwen2, GPT-NeoX, Gemma; ``n_positions``/``n_ctx``: GPT-2); None if it has none."""
+    for field in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> Optional[int]:
+    """The token the chat template closes an assistant turn with (Llama-3 ``<|eot_id|>``, Qwen/SmolLM2 ``<|im_end|>``,
+    Gemma ``<end_of_turn>``), or None: the first token after the assistant's text when a two-turn chat is rendered,
+    if it is a special token (a template that closes turns with plain text, or renders no assistant turn, has none)."""
+    mark = "\u2063IPA-END-OF-TURN\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:  # no chat template, or one that refuses this conversation
+        return None
+    _, found, after = text.partition(mark)
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if found and after else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return ids[0] if ids and ids[0] in special else None
+
+
+StopTokens = Sequence[Union[int, str]]
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Optional[GenerationConfig], chat_template: bool,
+             stop_tokens: Optional[StopTokens] = None) -> list[int]:
+    """The token ids that end a response, sorted: ``stop_tokens`` when given (ids, or token strings of the vocabulary),
+    else the union of the tokenizer's EOS, the generation config's ``eos_token_id`` (an id or a list: Llama-3 and Qwen
+    chat models list their end of turn there) and, with ``chat_template``, the template's end of turn
+    (``chat_end_of_turn``), as HF ``generate`` stops on any id of ``generation_config.eos_token_id``.
+
+    Raises:
+        ValueError: a ``stop_tokens`` entry that is not in the vocabulary, an empty ``stop_tokens``, or no stop id at all.
+    """
+    vocab = tokenizer.get_vocab()
+    if stop_tokens is not None:
+        unknown = [t for t in stop_tokens if (t not in vocab if isinstance(t, str) else not 0 <= t < len(tokenizer))]
+        if unknown or not stop_tokens:
+            raise ValueError(
+                f"stop_tokens={list(stop_tokens)}: " + (f"{unknown} not in the tokenizer's vocabulary of {len(tokenizer)} tokens" if unknown else
+                "empty") + "; give token ids or token strings as the vocabulary spells them (e.g. '<|eot_id|>'), or leave it unset "
+                "(None) for the model's own: its EOS, generation config's eos_token_id and chat template's end of turn"
+            )
+        return sorted({vocab[t] if isinstance(t, str) else int(t) for t in stop_tokens})
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = generation_config.eos_token_id if generation_config is not None else None
+    ids |= set(configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured])
+    if chat_template and (end := chat_end_of_turn(tokenizer)) is not None:
+        ids.add(end)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token and the generation config no eos_token_id: set stop_tokens to the "
+                         "token(s) that end a response")
+    return sorted(ids)
+
+
+def read_generation_config(path: str) -> Optional[GenerationConfig]:
+    """The generation config saved beside a model or tokenizer (``generation_config.json``), else None."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def top_k_only(logprobs: Tensor, k: Optional[int]) -> Tensor:
@@ -152,6 +228,7 @@ class LocalBase(nn.Module):
         chat_template: bool = False,
         system_prompt: Optional[str] = None,
         top_k: Optional[int] = None,
+        stop_tokens: Optional[StopTokens] = None,
     ):
         """
         Args:
@@ -161,6 +238,8 @@ class LocalBase(nn.Module):
             system_prompt: System turn for the chat template (None: the template's default).
             top_k: Keep only the base's k most likely tokens per step (None: all): the support an API base
                 returns (``RemoteBase.top_logprobs``), so that an adapter trains under the support it will see.
+            stop_tokens: The tokens that end a response (ids or token strings); None: the model's own (``stop_ids``:
+                EOS, the generation config's ``eos_token_id`` list, the chat template's end of turn).
         """
         super().__init__()
         self.path = resolve_pretrained(name_or_path)
@@ -169,6 +248,8 @@ class LocalBase(nn.Module):
         self.top_k = top_k
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
+        self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens)  # sorted ids
+        self.max_positions = max_positions(self.lm.config)  # its context window (None: unbounded)
         self.forward_count = 0  # incremental forwards since construction: one per generated token
 
     @property

@@ -61,7 +61,7 @@ class DistillModule(LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         # 1. The teacher answers each prompt (the base alone, as the API serves it).
         k = self.hparams.samples_per_prompt
-        rollout = self.teacher.sample(self.teacher.base.encode(batch["prompt"]), use_adapter=False, samples_per_prompt=k, for_training=False)
+        rollout = self.teacher.sample(self.teacher.encode(batch["prompt"]), use_adapter=False, samples_per_prompt=k, for_training=False)
         # 2. The student learns the teacher's responses: NLL of the response tokens given the prompt.
         ids, mask = sequence(rollout)
         prompt_length = rollout.prompt_ids.shape[1]

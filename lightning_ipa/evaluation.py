@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .bases import BaseDType, load_causal_lm, load_tokenizer, resolve_pretrained
+from .bases import BaseDType, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
 from .metrics import CorpusDistinctN, DistinctN, DistinctVariant, MeanScore
 
 Stage = Literal["val", "test"]
@@ -81,7 +82,9 @@ class Perplexity(nn.Module):
     the continuation's own tokens, tokenised apart; exp(mean NLL of the continuation's tokens). It scores exactly the
     tokens a policy would have sampled after the prompt.
 
-    Texts are scored in batches of ``batch_size``, right-padded; padding changes no value.
+    Texts are scored in batches of ``batch_size``, right-padded; padding changes no value. A text longer than the LM's
+    context window is read in sliding windows of it (transformers' "Perplexity of fixed-length models", stride half the
+    window; ``_nll_sums``), where the references would fail (GPT-2 XL reads at most 1,024 tokens).
     """
 
     def __init__(self, name_or_path: str, dtype: BaseDType = "auto", batch_size: int = 32, variant: PerplexityVariant = "dexperts"):
@@ -101,6 +104,7 @@ class Perplexity(nn.Module):
         self.lm = load_causal_lm(path, dtype).requires_grad_(False).eval()
         self.batch_size = batch_size
         self.variant = variant
+        self.window = max_positions(self.lm.config) or sys.maxsize  # the LM's context window in tokens
         self.convention = (
             "DExperts conditional_perplexity: prompt and prompt+continuation tokenised together, no BOS; "
             "exp((NLL(full) − NLL(prompt)) / (len(full) − len(prompt)))"
@@ -140,7 +144,23 @@ class Perplexity(nn.Module):
         return torch.tensor(values, dtype=torch.float64).exp().float().to(self.lm.device)
 
     def _nll_sums(self, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Σ −log p(token | the tokens before it) over the tokens of each sequence from its start on, in batches."""
+        """Σ −log p(token | the tokens before it) over the tokens of each sequence from its start on, in batches.
+
+        A sequence longer than the LM's context window W (``max_positions``) is read in windows of W tokens that begin
+        every W/2 tokens, each scoring its tokens past the previous window's end: transformers' "Perplexity of
+        fixed-length models" (sliding window, stride W/2). Every token then has at least W/2 tokens of context, a
+        prompt's tokens get the same windows in the prompt alone as in prompt + continuation (their NLLs cancel),
+        and no position beyond the window is ever read.
+        """
+        pieces = [(window, owner) for owner, sequence in enumerate(sequences) for window in sliding_windows(*sequence, self.window)]
+        piece_sums = self._nll_sums_within_window([window for window, _ in pieces])
+        sums = [0.0] * len(sequences)
+        for (_, owner), value in zip(pieces, piece_sums):
+            sums[owner] += value
+        return sums
+
+    def _nll_sums_within_window(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """``_nll_sums`` of sequences that fit the context window."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths together: less padding
         sums = [0.0] * len(sequences)
         for begin in range(0, len(order), self.batch_size):
@@ -162,3 +182,19 @@ class Perplexity(nn.Module):
             for i, value in zip(order[begin : begin + self.batch_size], batch_sums):
                 sums[i] = value
         return sums
+
+
+def sliding_windows(tokens: list[int], start: int, window: int) -> list[tuple[list[int], int]]:
+    """(tokens, first scored position) pieces that score ``tokens[start:]`` within ``window`` tokens each: the sequence
+    itself if it fits, else transformers' sliding windows (stride ``window // 2``; see ``Perplexity._nll_sums``)."""
+    if len(tokens) <= window:
+        return [(tokens, start)]
+    stride, pieces, scored_to = max(1, window // 2), [], 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + window, len(tokens))
+        if end > max(start, scored_to):
+            pieces.append((tokens[begin:end], max(start, scored_to) - begin))
+        scored_to = end
+        if end == len(tokens):
+            break
+    return pieces

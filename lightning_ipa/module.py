@@ -17,7 +17,7 @@ from .bases import LocalBase
 from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
 from .metrics import Samples
-from .policy import Sampling, TailoredPolicy
+from .policy import Sampling, TailoredPolicy, long_prompts_error
 from .remote import RemoteBase
 from .rewards import Reward, RewardContractError, check_scores
 from .types import LossOutput, Rollout
@@ -107,14 +107,14 @@ class IPAModule(LightningModule):
         return self.policy.base.tokenizer
 
     def decode(self, rollout: Rollout) -> list[str]:
-        """Response texts (for rewards and logs only; training uses the token ids)."""
-        return self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        """Response texts, before their stop token (for rewards and logs only; training uses the token ids)."""
+        return self.policy.decode(rollout.response_ids, rollout.response_mask)
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         optimizer = self.optimizers()
         k = self.algorithm.samples_per_prompt
         # 1. Sample k responses per prompt from the tailored policy (the only place the base runs: once per token).
-        rollout = self.policy.sample(self.policy.base.encode(batch["prompt"]), samples_per_prompt=k, top_p=self.hparams.rollout_top_p)
+        rollout = self.policy.sample(self.policy.encode(batch["prompt"]), samples_per_prompt=k, top_p=self.hparams.rollout_top_p)
         batch = repeat_prompts(batch, k)
         # 2. Score the decoded responses.
         scores = self.score(batch, self.decode(rollout))
@@ -165,8 +165,8 @@ class IPAModule(LightningModule):
         )
 
     def ended(self, rollout: Rollout) -> Tensor:
-        """[B] whether each response ended with EOS (rather than at ``max_new_tokens``)."""
-        return (rollout.response_ids == self.policy.eos_id).any(-1)
+        """[B] whether each response ended with a stop token (rather than at ``max_new_tokens``)."""
+        return self.policy.ended(rollout.response_ids, rollout.response_mask)
 
     def shaped_reward(self, rollout: Rollout, reward: Tensor) -> Tensor:
         """The task's reward, less ``missing_eos_penalty`` for responses that never ended."""
@@ -181,6 +181,8 @@ class IPAModule(LightningModule):
         logs.update({f"train/{name}": value.to(self.device) for name, value in self.algorithm.metrics().items()})
         logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
         logs["train/ended"] = self.ended(rollout).float().mean()
+        if self.policy.sampling.long_prompts == "cut_left":
+            logs["train/prompts_cut"] = torch.tensor(float(self.policy.prompts_cut), device=self.device)  # cumulative
         logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
         shown = {"train/reward", "train/kl"}
         self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)
@@ -201,7 +203,7 @@ class IPAModule(LightningModule):
         each batch holds the prompts and gets the draws it gets in one process (the draws of a prompt depend on
         its batch: they are rows of one sampling call).
         """
-        encoded = self.policy.base.encode(prompts)
+        encoded = self.policy.encode(prompts)
         seed = self.hparams.eval_seed + self.eval_batch_index(batch_idx)
         generator = torch.Generator(self.device).manual_seed(seed)
         tailored = self.decode(self.policy.sample(encoded, generator, samples_per_prompt=k, for_training=False))
@@ -256,10 +258,12 @@ class IPAModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse, before any work, inputs that would waste it: splits the stage reads that are empty or missing
         (``PromptDataModule.check_splits``; for ``fit`` the validation split too, whose loader Lightning builds only at
-        the first validation) and, for ``fit``, an update schedule that does not count whole rollouts.
+        the first validation), prompts too long for the context window (with ``sampling.long_prompts='refuse'``) and,
+        for ``fit``, an update schedule that does not count whole rollouts.
 
         Raises:
-            ValueError: an empty split or fewer training prompts than a batch per process; a ``minibatch_size`` that does
+            ValueError: an empty split or fewer training prompts than a batch per process; prompts longer than
+                ``TailoredPolicy.context_window`` (each named: index in its split, tokens); a ``minibatch_size`` that does
                 not divide the samples of a rollout (``Algorithm.updates_per_rollout``); a ``trainer.max_steps`` that is
                 not a whole number of rollouts (optimizer steps per rollout = epochs × minibatches), with the nearest valid values.
         """
@@ -267,6 +271,12 @@ class IPAModule(LightningModule):
         if not isinstance(data, PromptDataModule):
             return  # dataloaders given directly: nothing to check against
         data.check_splits(stage)
+        if self.policy.sampling.long_prompts == "refuse":
+            for split in ("train", "val") if stage == "fit" else (data.stage_split(stage),):
+                if split in data.splits and (long := self.policy.long_prompts([item["prompt"] for item in data.splits[split]])):
+                    room = self.policy.context_window()
+                    raise ValueError(long_prompts_error(long, [item["prompt"] for item in data.splits[split]], room,
+                                                        self.policy.sampling.max_new_tokens, f"the {split!r} split ({data.split_source(split)})"))
         if stage != "fit":
             return
         steps = self.algorithm.updates_per_rollout(data.batch_size)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import Adapter
-from .bases import LocalBase
+from .bases import LocalBase, prompt_lengths
 from .remote import RemoteBase
 from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
 
@@ -33,6 +34,10 @@ class Sampling:
         top_p: Nucleus sampling mass (1.0: off). A sampling filter, not part of the loss (transformers'
             ``TopPLogitsWarper``, applied after top-k).
         min_tokens_to_keep: Top-k and top-p never keep fewer tokens than this (transformers' ``min_tokens_to_keep``).
+        long_prompts: A prompt with more tokens than fit in the context window with ``max_new_tokens`` after it (the
+            smallest window of base and adapter): 'refuse' (an error naming it; ``IPAModule`` checks every prompt of
+            the splits a run reads before any work) or 'cut_left' (its first tokens are dropped, a chat template's
+            system turn included; the count is warned about and logged as ``train/prompts_cut``).
     """
 
     max_new_tokens: int = 32
@@ -41,12 +46,15 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     min_tokens_to_keep: int = 1
+    long_prompts: Literal["refuse", "cut_left"] = "refuse"
 
     def __post_init__(self):
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"need 1 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.min_tokens_to_keep < 1:
             raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0 and min_tokens_to_keep >= 1; got {self}")
+        if self.long_prompts not in ("refuse", "cut_left"):
+            raise ValueError(f"long_prompts must be 'refuse' or 'cut_left', got {self.long_prompts!r}")
 
 
 class Truncated(NamedTuple):
@@ -134,6 +142,17 @@ def _truncate_ranked(values: Tensor, ids: Tensor, vocab: int, k: int, top_p: flo
     return Truncated(ids, values.log_softmax(-1)), decided
 
 
+def long_prompts_error(long: list[tuple[int, int]], prompts: list[str], room: int, max_new_tokens: int, where: str) -> str:
+    """The message that refuses prompts too long for the context window: which (index, tokens, start), the limit, the fixes."""
+    shown = "; ".join(f"#{i}: {n} tokens ({prompts[i][:60]!r}{'…' * (len(prompts[i]) > 60)})" for i, n in long[:5])
+    more = f" and {len(long) - 5} more" if len(long) > 5 else ""
+    return (
+        f"{len(long)} prompt{'s' * (len(long) != 1)} of {where} {'are' if len(long) != 1 else 'is'} longer than the {room} tokens that fit in "
+        f"the context window before max_new_tokens={max_new_tokens}: {shown}{more}. Cut them from the left "
+        "(--model.sampling.long_prompts=cut_left), lower --model.sampling.max_new_tokens, or shorten the prompts"
+    )
+
+
 def _pick(logprobs: Tensor, token: Tensor, alive: Tensor) -> Tensor:
     """Log-prob [B] of each row's token; 0 for finished rows."""
     return logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(~alive, 0.0)
@@ -159,13 +178,61 @@ class TailoredPolicy(nn.Module):
         self.adapter = adapter
         self.alpha = alpha
         self.sampling = sampling
-        tokenizer = base.tokenizer
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id = base.tokenizer.pad_token_id
+        stops = torch.zeros(base.vocab_size, dtype=torch.bool)
+        stops[base.stop_ids] = True
         never = torch.zeros(base.vocab_size, dtype=torch.bool)
-        if self.pad_id != self.eos_id:
-            never[self.pad_id] = True  # padding is never a sampled token
-        self.register_buffer("never_sampled", never, persistent=False)
+        never[self.pad_id] = not stops[self.pad_id]  # padding is never sampled, unless it is also a stop token
+        self.register_buffer("stops", stops, persistent=False)  # [V] the tokens that end a response (base.stop_ids)
+        self.register_buffer("never_sampled", never, persistent=False)  # [V]
+        self.prompts_cut = 0  # prompts cut from the left to fit the context window (long_prompts='cut_left')
+        self.context_window()  # refuses a window that max_new_tokens alone fills
+
+    def context_window(self) -> Optional[int]:
+        """The most tokens a prompt may have: the smallest context window of base and adapter (``max_positions``;
+        one less for an adapter's prefix control code) less ``max_new_tokens``; None where no window is known.
+
+        Raises:
+            ValueError: ``max_new_tokens`` leaves no room for a prompt.
+        """
+        windows = [w for w in (self.base.max_positions, self.adapter.max_tokens if self.adapter is not None else None) if w is not None]
+        if not windows:
+            return None
+        room = min(windows) - self.sampling.max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in a context window of "
+                             f"{min(windows)} tokens (base {self.base.max_positions}, adapter "
+                             f"{self.adapter.max_tokens if self.adapter is not None else '-'}): lower sampling.max_new_tokens")
+        return room
+
+    def long_prompts(self, prompts: list[str]) -> list[tuple[int, int]]:
+        """(index, token count) of the prompts longer than ``context_window`` allows."""
+        room = self.context_window()
+        if room is None:
+            return []
+        lengths = prompt_lengths(self.base.tokenizer, prompts, self.base.chat_template, self.base.system_prompt)
+        return [(i, n) for i, n in enumerate(lengths) if n > room]
+
+    def encode(self, prompts: list[str]) -> Prompts:
+        """Tokenise prompt texts into a left-padded batch that fits the context window with ``max_new_tokens`` after it.
+
+        A longer prompt is refused or cut from the left, as ``sampling.long_prompts`` says.
+
+        Raises:
+            ValueError: with ``long_prompts='refuse'``, a prompt longer than ``context_window``.
+        """
+        encoded, room = self.base.encode(prompts), self.context_window()
+        if room is None or encoded.ids.shape[1] <= room:
+            return encoded
+        lengths = encoded.mask.sum(-1)
+        long = (lengths > room).nonzero().squeeze(-1).tolist()
+        if self.sampling.long_prompts == "refuse":
+            raise ValueError(long_prompts_error([(i, int(lengths[i])) for i in long], prompts, room, self.sampling.max_new_tokens, "this batch"))
+        self.prompts_cut += len(long)
+        warnings.warn(f"{len(long)} of {len(prompts)} prompts have more than the {room} tokens that fit before max_new_tokens="
+                      f"{self.sampling.max_new_tokens} in the context window: cut from the left (sampling.long_prompts=cut_left; "
+                      f"{self.prompts_cut} cut so far)", stacklevel=2)
+        return Prompts(encoded.ids[:, -room:], encoded.mask[:, -room:])  # left-padded: each row's last tokens
 
     def train(self, mode: bool = True) -> "TailoredPolicy":
         return super().train(False)  # no dropout: rollout and loss must see one distribution
@@ -173,16 +240,31 @@ class TailoredPolicy(nn.Module):
     def distribution(self, base_logprobs: Tensor, adapter_logits: Optional[Tensor], step: Tensor | int) -> Tensor:
         """Log-probs of the tailored policy [..., V] at response position(s) ``step`` (int or [...]).
 
-        ``log_softmax(base_logprobs + α·adapter_logits) / temperature``, with tokens that are
-        never sampled (and EOS before ``min_new_tokens``) excluded. ``adapter_logits=None``
-        is the base alone.
+        ``log_softmax(base_logprobs + α·adapter_logits) / temperature``, with tokens that are never sampled (padding)
+        and the stop tokens before ``min_new_tokens`` excluded. ``adapter_logits=None`` is the base alone.
+
+        Where these bans leave no token of the base's support (a top-k base whose only tokens are stop tokens before
+        ``min_new_tokens``, or padding), they give way, in turn, for that row: first the ban on stopping early, then
+        the ban on padding. The policy is then the base's support itself: never empty, never NaN.
         """
         scores = base_logprobs if adapter_logits is None else base_logprobs + self.alpha * adapter_logits.float()
-        step = torch.as_tensor(step, device=scores.device)
-        banned = self.never_sampled.expand(*step.shape, -1).clone()
-        banned[..., self.eos_id] |= step < self.sampling.min_new_tokens
+        early = (torch.as_tensor(step, device=scores.device) < self.sampling.min_new_tokens)[..., None]  # [..., 1]
+        banned = self.never_sampled | (self.stops & early)  # [..., V]
+        supported = base_logprobs > float("-inf")
+        empty = ~(supported & ~banned).any(-1, keepdim=True)  # [..., 1] rows the bans would leave with nothing
+        banned = torch.where(empty, self.never_sampled & (supported & ~self.never_sampled).any(-1, keepdim=True), banned)
         scores = scores.masked_fill(banned, float("-inf"))
         return (scores / self.sampling.temperature).log_softmax(-1)
+
+    def ended(self, response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        """[B] whether each response ended with a stop token (rather than at ``max_new_tokens``)."""
+        last = (response_mask.sum(-1) - 1).clamp(min=0)
+        return self.stops[response_ids.gather(-1, last[:, None]).squeeze(-1)] & response_mask.any(-1)
+
+    def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+        """Response texts [B]: the generated tokens before the stop token, special tokens dropped (as rewards see them)."""
+        kept = response_mask.bool() & ~self.stops[response_ids]
+        return [self.base.tokenizer.decode(ids[keep], skip_special_tokens=True) for ids, keep in zip(response_ids, kept)]
 
     @torch.no_grad()
     def sample(
@@ -233,7 +315,7 @@ class TailoredPolicy(nn.Module):
                 kl = kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else token.new_zeros(batch, dtype=logprobs.dtype)
                 step += [_pick(ref_logprobs, token, real), kl, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)]
             steps.append(tuple(step))
-            alive = real & (token != self.eos_id)
+            alive = real & ~self.stops[token]
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
             # feed the sampled token to both models: one base forward per generated token

@@ -95,9 +95,9 @@ def test_predict_file_and_malformed_rows(tmp_path):
 
 def test_missing_eos_penalty_lowers_the_training_reward_of_unfinished_responses(tiny_llama):
     module = IPAModule(LocalBase(tiny_llama, dtype="float32"), ConceptCoverage(), missing_eos_penalty=0.5)
-    eos, pad, word = module.policy.eos_id, module.policy.pad_id, 5
+    eos, pad, word = module.policy.base.tokenizer.eos_token_id, module.policy.pad_id, 5
     rollout = module.policy.sample(module.policy.base.encode(["a", "b"]), torch.Generator().manual_seed(0))
-    rollout = rollout._replace(response_ids=torch.tensor([[word, eos, pad], [word, word, word]]))
+    rollout = rollout._replace(response_ids=torch.tensor([[word, eos, pad], [word, word, word]]), response_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert module.ended(rollout).tolist() == [True, False]
     torch.testing.assert_close(module.shaped_reward(rollout, torch.tensor([0.8, 0.8])), torch.tensor([0.8, 0.3]))
 

@@ -161,7 +161,7 @@ def test_alpha_zero_sampling_matches_hf_generate(policy_factory, tiny_llama):
     torch.manual_seed(11)
     ours = policy.sample(prompts).response_ids
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    eos = policy.eos_id
+    eos = policy.base.tokenizer.eos_token_id
     torch.manual_seed(11)
     theirs = lm.generate(
         prompts.ids, attention_mask=prompts.mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=12,
@@ -263,11 +263,11 @@ def test_top_p_of_one_call_samples_as_a_policy_with_that_top_p(policy_factory):
 def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=16)
     pad = policy.pad_id
-    assert pad != policy.eos_id
+    assert pad != policy.base.tokenizer.eos_token_id
     direction = torch.randn(policy.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # in about half the states the adapter wants padding most, then EOS
         policy.adapter.head.weight[pad] = 100 * direction
-        policy.adapter.head.weight[policy.eos_id] = 50 * direction
+        policy.adapter.head.weight[policy.base.tokenizer.eos_token_id] = 50 * direction
     rollout = policy.sample(policy.base.encode(PROMPTS * 4), torch.Generator().manual_seed(0))
     real = rollout.response_mask.bool()
     assert not (rollout.response_ids[real] == pad).any()
@@ -276,7 +276,7 @@ def test_padding_gets_no_mass_and_pad_is_never_sampled(policy_factory):
     ended = rollout.response_mask.sum(-1) < rollout.response_ids.shape[1]
     assert ended.any()  # some rows stopped at EOS and are padded after it
     lengths = rollout.response_mask.sum(-1)
-    assert (rollout.response_ids[ended, lengths[ended] - 1] == policy.eos_id).all()
+    assert (rollout.response_ids[ended, lengths[ended] - 1] == policy.base.tokenizer.eos_token_id).all()
     # the masks are prefix masks: no hole after a real token
     assert torch.equal(rollout.response_mask, rollout.response_mask.cummin(-1).values)
 
@@ -285,7 +285,7 @@ def test_min_new_tokens_bans_eos_in_sampling_and_loss(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=8, min_new_tokens=4)
     direction = torch.randn(policy.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # in about half the states the adapter wants EOS above all
-        policy.adapter.head.weight[policy.eos_id] = 100 * direction
+        policy.adapter.head.weight[policy.base.tokenizer.eos_token_id] = 100 * direction
     rollout = policy.sample(policy.base.encode(PROMPTS * 4), torch.Generator().manual_seed(0))
     lengths = rollout.response_mask.sum(-1)
     assert lengths.min() == 5  # 4 tokens, then EOS as soon as allowed (as in HF), never before
