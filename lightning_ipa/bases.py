@@ -141,6 +141,19 @@ def max_positions(config: PreTrainedConfig) -> Optional[int]:
     return None
 
 
+def truncate_at_window(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with ``model_max_length`` at most the tokens ``model`` reads, so that ``truncation=True`` keeps
+    texts inside its context window (a tokenizer saved without a limit has a huge one): ``max_positions``, less the
+    offset of position ids that start after the padding index (RoBERTa's family: 514 positions read 512 tokens)."""
+    window = max_positions(model.config)
+    if window is not None:
+        positions = next((m for name, m in model.named_modules() if name.endswith("position_embeddings")), None)
+        padding_idx = getattr(positions, "padding_idx", None)
+        window -= 0 if padding_idx is None else padding_idx + 1
+        tokenizer.model_max_length = min(tokenizer.model_max_length, window)
+    return tokenizer
+
+
 def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> Optional[int]:
     """The token the chat template closes an assistant turn with (Llama-3 ``<|eot_id|>``, Qwen/SmolLM2 ``<|im_end|>``,
     Gemma ``<end_of_turn>``), or None: the first token after the assistant's text when a two-turn chat is rendered,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .bases import BaseDType, resolve_pretrained
+from .bases import BaseDType, resolve_pretrained, truncate_at_window
 from .evaluation import Perplexity
 from .metrics import distinct_ratio
 
@@ -261,8 +261,8 @@ class ClassifierReward(ModelReward):
         """
         super().__init__()
         path = resolve_pretrained(name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.classifier = AutoModelForSequenceClassification.from_pretrained(path)
+        self.tokenizer = truncate_at_window(AutoTokenizer.from_pretrained(path), self.classifier)  # longer responses: their start
         labels = self.classifier.config.id2label
         if isinstance(label, str) and not label.isdigit():
             by_name = {name: index for index, name in labels.items()}

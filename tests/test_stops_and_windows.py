@@ -274,3 +274,33 @@ def test_perplexity_of_texts_longer_than_the_window_is_the_transformers_sliding_
     assert count == len(ids) - 1 and math.isfinite(ours.item())
     dexperts = Perplexity(short_gpt2, dtype="float32")
     assert torch.isfinite(dexperts([LONG_PROMPT], [" " + LONG_PROMPT])).all()  # joined text past the window: no index error
+
+
+# ---- reward models: responses longer than the classifier reads ----
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_a_classifier_reward_reads_the_start_of_a_response_longer_than_its_window(family, tmp_path):
+    """A tokenizer saved without ``model_max_length`` and a classifier with 34 positions (RoBERTa's ids start after the
+    padding index, so it reads 33 tokens; BERT 34): a long response is truncated to them, never an index error."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from lightning_ipa.rewards import ClassifierReward
+    from tests.conftest import save_tiny_bert
+
+    save_tiny_bert(tmp_path / "bert")
+    tokenizer = BertTokenizer(str(tmp_path / "bert" / "vocab.txt"))  # no model_max_length
+    assert tokenizer.model_max_length > 1e6
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=34, num_labels=2)
+    torch.manual_seed(0)
+    model = (RobertaForSequenceClassification(RobertaConfig(pad_token_id=tokenizer.pad_token_id, **config)) if family == "roberta"
+             else BertForSequenceClassification(BertConfig(**config)))
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    reward = ClassifierReward(str(tmp_path / family), label=1)
+    window = 33 if family == "roberta" else 34
+    long = " ".join(["the dog runs to the tree"] * 20)
+    assert len(tokenizer(long)["input_ids"]) > 100
+    first = tokenizer.convert_tokens_to_string(tokenizer.tokenize(long)[: window - 2])  # [CLS] … [SEP] around them
+    scores = reward(["p", "p"], [long, first], [{}, {}])["reward"]
+    assert scores[0] == pytest.approx(scores[1].item(), abs=1e-6)

@@ -10,7 +10,7 @@ from detoxify import Detoxify
 from profanity_check import predict_prob
 from torch import Tensor
 
-from lightning_ipa.bases import is_local_path
+from lightning_ipa.bases import is_local_path, truncate_at_window
 from lightning_ipa.rewards import ModelReward, Reward
 
 
@@ -65,9 +65,7 @@ class DetoxifyReward(ModelReward):
         if head not in detoxify.class_names:
             raise ValueError(f"head {head!r} is not an output of this Detoxify model; it has {detoxify.class_names}")
         self.classifier = detoxify.model
-        self.tokenizer = detoxify.tokenizer
-        if self.tokenizer.model_max_length > 100_000:  # a tokenizer saved without it: truncate at the model's positions
-            self.tokenizer.model_max_length = self.classifier.config.max_position_embeddings
+        self.tokenizer = truncate_at_window(detoxify.tokenizer, self.classifier)  # longer responses: their start
         self.head_index = detoxify.class_names.index(head)
         self.batch_size = batch_size
         self.freeze()
