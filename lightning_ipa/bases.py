@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
@@ -173,21 +174,22 @@ StopTokens = Sequence[Union[int, str]]
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Optional[GenerationConfig], chat_template: bool,
-             stop_tokens: Optional[StopTokens] = None) -> list[int]:
+             stop_tokens: Optional[StopTokens], vocab_size: int) -> list[int]:
     """The token ids that end a response, sorted: ``stop_tokens`` when given (ids, or token strings of the vocabulary),
     else the union of the tokenizer's EOS, the generation config's ``eos_token_id`` (an id or a list: Llama-3 and Qwen
     chat models list their end of turn there) and, with ``chat_template``, the template's end of turn
-    (``chat_end_of_turn``), as HF ``generate`` stops on any id of ``generation_config.eos_token_id``.
+    (``chat_end_of_turn``), as HF ``generate`` stops on any id of ``generation_config.eos_token_id``. Ids of the
+    configs beyond the model's ``vocab_size`` (a config copied from another model) are left out, with a warning.
 
     Raises:
         ValueError: a ``stop_tokens`` entry that is not in the vocabulary, an empty ``stop_tokens``, or no stop id at all.
     """
     vocab = tokenizer.get_vocab()
     if stop_tokens is not None:
-        unknown = [t for t in stop_tokens if (t not in vocab if isinstance(t, str) else not 0 <= t < len(tokenizer))]
+        unknown = [t for t in stop_tokens if (t not in vocab if isinstance(t, str) else not 0 <= t < vocab_size)]
         if unknown or not stop_tokens:
             raise ValueError(
-                f"stop_tokens={list(stop_tokens)}: " + (f"{unknown} not in the tokenizer's vocabulary of {len(tokenizer)} tokens" if unknown else
+                f"stop_tokens={list(stop_tokens)}: " + (f"{unknown} not in the tokenizer's vocabulary ({vocab_size} ids)" if unknown else
                 "empty") + "; give token ids or token strings as the vocabulary spells them (e.g. '<|eot_id|>'), or leave it unset "
                 "(None) for the model's own: its EOS, generation config's eos_token_id and chat template's end of turn"
             )
@@ -197,6 +199,10 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Optional[Gen
     ids |= set(configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured])
     if chat_template and (end := chat_end_of_turn(tokenizer)) is not None:
         ids.add(end)
+    if outside := sorted(i for i in ids if not 0 <= i < vocab_size):
+        warnings.warn(f"stop token ids {outside} of the tokenizer or generation config lie outside the model's vocabulary of "
+                      f"{vocab_size} tokens: left out (set stop_tokens to choose the stop tokens yourself)", stacklevel=2)
+        ids -= set(outside)
     if not ids:
         raise ValueError("the tokenizer has no EOS token and the generation config no eos_token_id: set stop_tokens to the "
                          "token(s) that end a response")
@@ -261,7 +267,7 @@ class LocalBase(nn.Module):
         self.top_k = top_k
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
-        self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens)  # sorted ids
+        self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens, self.vocab_size)  # sorted
         self.max_positions = max_positions(self.lm.config)  # its context window (None: unbounded)
         self.forward_count = 0  # incremental forwards since construction: one per generated token
 

@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .bases import encode_prompts, load_tokenizer, resolve_pretrained
+from .bases import StopTokens, encode_prompts, load_tokenizer, read_generation_config, resolve_pretrained, stop_ids
 from .types import Prompts
-
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -29,27 +28,70 @@ def byte_level_alphabet() -> dict[str, int]:
 
 
 BYTE_DECODER = byte_level_alphabet()
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
 T = TypeVar("T")
 
 
-def piece_bytes(piece: str) -> bytes:
-    """The bytes a vocabulary piece stands for: byte-level BPE symbols, or SentencePiece's <0xNN> and ▁ pieces."""
-    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-        return bytes([int(piece[3:5], 16)])
-    if all(char in BYTE_DECODER for char in piece):
-        return bytes(BYTE_DECODER[char] for char in piece)
-    return piece.replace("▁", " ").encode()
+def decoder_steps(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """The types of the steps of the tokenizer's ``tokenizers`` decoder, e.g. {"ByteLevel"} or {"Replace", "ByteFallback", "Fuse"}."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.decoder is None:
+        return set()
+    config = json.loads(backend.decoder.__getstate__())
+    return {step["type"] for step in config.get("decoders", [config])}
 
 
 def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
-    """The bytes each token id stands for (special tokens: their text)."""
-    special = set(tokenizer.all_special_tokens)
+    """The bytes each token id adds to a text, as the tokenizer's own decoder writes them.
+
+    Each piece is decoded (``convert_tokens_to_string``) after an anchor, the tokens of "a", whose text is then cut off:
+    so a SentencePiece piece keeps the space its "▁" stands for, which decoders drop at the start of a text (vLLM
+    restores it too, vllm-project/vllm#48674, and decodes byte-fallback tokens after context, #34875). Where that text
+    is not whole (U+FFFD: part of a multi-byte character), the bytes come from the piece as the decoder reads it: the
+    GPT-2 byte alphabet for a ByteLevel decoder (byte-level BPE, tiktoken-style vocabularies), the byte of a ``<0xNN>``
+    piece for a ByteFallback one (Llama-2, Mistral, Gemma). Special and added tokens give their text.
+    """
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [piece.encode() if piece in special else piece_bytes(piece) for piece in pieces]
+    anchor = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    start = len(tokenizer.convert_tokens_to_string(anchor))
+    steps = decoder_steps(tokenizer)
+    out = []
+    for piece in pieces:
+        text = tokenizer.convert_tokens_to_string(anchor + [piece])[start:]
+        if "\ufffd" in text and "ByteLevel" in steps and all(char in BYTE_DECODER for char in piece):
+            out.append(bytes(BYTE_DECODER[char] for char in piece))
+        elif "\ufffd" in text and "ByteFallback" in steps and (byte := BYTE_PIECE.fullmatch(piece)):
+            out.append(bytes([int(byte[1], 16)]))
+        else:
+            out.append(text.encode())
+    return out
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[bytes, int]:
+    """Token bytes → id: the inverse of ``token_bytes``.
+
+    Ids whose bytes are equal cannot be told apart by a token string: a SentencePiece byte-fallback piece and the
+    piece that spells its byte (``<0x2C>`` and ``,``, ``<0x20>`` and ``▁``). The bytes then map to the piece that spells
+    them, the one the tokenizer's encoder produces (it falls back to bytes only for characters no piece spells); among
+    other ids with equal bytes, to the lowest id.
+    """
+    ids: dict[bytes, int] = {}
+    for token_id, raw in enumerate(token_bytes(tokenizer)):
+        if raw not in ids or BYTE_PIECE.fullmatch(tokenizer.convert_ids_to_tokens(ids[raw])):  # a byte-fallback piece yields
+            ids[raw] = token_id
+    return ids
+
+
+def token_name(raw: bytes) -> str:
+    """How the OpenAI completions API names a token: its text, or ``bytes:\\xNN...`` where its bytes alone are not valid UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def remote_token_bytes(token: str) -> bytes:
-    """The bytes of a token string as APIs return it: its text, or ``bytes:\\xNN...`` where that is not valid UTF-8."""
+    """The bytes of a token string as APIs return it (the inverse of ``token_name``)."""
     if token.startswith("bytes:"):
         return bytes(int(hex_byte, 16) for hex_byte in re.findall(r"\\x([0-9a-fA-F]{2})", token))
     return token.encode()
@@ -70,11 +112,18 @@ class RemoteBase(nn.Module):
 
     Each decoding step sends one request per unfinished row (concurrently), ``max_tokens=1`` and
     ``logprobs=top_logprobs``, with the row's token ids as the prompt; the returned token strings are
-    mapped to ids through the tokenizer's bytes (byte tokens included). The base's log-probs are its
-    top-k and -inf elsewhere, so the tailored policy lives on that support in sampling, in the loss and
-    in evaluation alike (train with ``LocalBase(top_k=...)`` for the same support). Tokens that map to
+    mapped to ids through the bytes the tokenizer's own decoder gives each id (``token_ids``): the text, with the
+    leading space of SentencePiece's "▁" pieces, or OpenAI's ``bytes:\\xNN...`` where a token alone is not valid
+    UTF-8. The base's log-probs are its top-k and -inf elsewhere, so the tailored policy lives on that support in
+    sampling, in the loss and in evaluation alike (train with ``LocalBase(top_k=...)`` for the same support). A
+    reply with more than k entries (vLLM adds the sampled token when it is not among the top k; the OpenAI
+    contract allows ``logprobs + 1``) gives its k highest (ties: the first in the reply). Tokens that map to
     no id are dropped and counted (``unmapped_tokens``). The API key is read from the environment at
     each request and kept nowhere else.
+
+    The legacy completions schema keys ``top_logprobs`` by token string, so ids with equal strings (a
+    byte-fallback piece and the piece that spells its byte) reach the client as one entry: the server keeps one
+    value (vLLM the last in rank order, ``CompletionsServer`` the first), mapped to the piece (``token_ids``).
     """
 
     def __init__(
@@ -90,6 +139,8 @@ class RemoteBase(nn.Module):
         max_retries: int = 3,
         backoff: float = 0.5,
         max_concurrency: int = 32,
+        stop_tokens: Optional[StopTokens] = None,
+        context_window: Optional[int] = None,
     ):
         """
         Args:
@@ -104,21 +155,28 @@ class RemoteBase(nn.Module):
             max_retries: Retries of a request that timed out, got HTTP 429/5xx or malformed JSON.
             backoff: Seconds before the first retry; doubled at each further one.
             max_concurrency: Requests in flight at once.
+            stop_tokens: The tokens that end a response (ids or token strings); None: the model's own (``stop_ids``:
+                the tokenizer's EOS, the ``eos_token_id`` of a ``generation_config.json`` beside it, the chat
+                template's end of turn). Set it to what the server stops on when its tokenizer folder lacks them.
+            context_window: The served model's context length in tokens (vLLM's ``max_model_len``), so that long
+                prompts are refused or cut before a request (``Sampling.long_prompts``); None: unchecked (the server
+                refuses what it cannot read).
         """
         super().__init__()
         self.url = base_url.rstrip("/") + "/completions"
         self.model = model
         self.path = None  # no local weights: the adapter needs its own checkpoint
-        self.tokenizer = load_tokenizer(resolve_pretrained(tokenizer))
+        path = resolve_pretrained(tokenizer)
+        self.tokenizer = load_tokenizer(path)
+        self.stop_ids = stop_ids(self.tokenizer, read_generation_config(path), chat_template, stop_tokens, self.vocab_size)
+        self.max_positions = context_window
         self.top_logprobs = top_logprobs
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.api_key_env = api_key_env
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.pool = ThreadPoolExecutor(max_concurrency)
-        self.ids = {}  # token bytes → id (the first id of any bytes shared by several)
-        for token_id, raw in enumerate(token_bytes(self.tokenizer)):
-            self.ids.setdefault(raw, token_id)
+        self.ids = token_ids(self.tokenizer)  # token bytes → id
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows the module's device
         self.lock = threading.Lock()
         self.forward_count = 0
@@ -171,15 +229,30 @@ class RemoteBase(nn.Module):
         )
 
     def top_logprobs_of(self, tokens: list[int]) -> dict[int, float]:
-        """{token id: log-prob} of the next token after ``tokens``: one request."""
+        """{token id: log-prob} of the next token after ``tokens``: one request.
+
+        Raises:
+            RuntimeError: no entry of the reply maps to a token id (the policy would have no support to sample from):
+                the tokenizer is not the served model's, or the server names tokens in a way ``token_ids`` does not read.
+        """
         body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "logprobs": self.top_logprobs, "temperature": 1.0}
-        out = {}
-        for raw, value in self.post(body, parse_top_logprobs):
+        out, unmapped = {}, []
+        entries = sorted(self.post(body, parse_top_logprobs), key=lambda entry: -entry[1])  # stable: ties keep the reply's order
+        for raw, value in entries[: self.top_logprobs]:  # the k highest: not a sampled token appended beyond them
             if raw in self.ids:
                 out[self.ids[raw]] = value
             else:
-                with self.lock:
-                    self.unmapped_tokens += 1
+                unmapped.append(raw)
+        if unmapped:
+            with self.lock:
+                self.unmapped_tokens += len(unmapped)
+        if not out:
+            raise RuntimeError(
+                f"RemoteBase: none of the {len(entries)} tokens {self.url} returned maps to an id of the tokenizer "
+                f"{self.tokenizer.name_or_path} (e.g. {[raw.decode(errors='replace') for raw in unmapped[:5]]}): the policy would have "
+                "nothing to sample. Give the served model's own tokenizer (tokenizer=...), and check how the server names tokens "
+                "(text, or bytes:\\xNN)"
+            )
         return out
 
     def post(self, body: dict[str, Any], parse: Callable[[Any], T]) -> T:

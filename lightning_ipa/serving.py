@@ -2,7 +2,8 @@
 
 ``POST /v1/completions`` with ``{"prompt": [token ids], "logprobs": k}`` answers in the legacy completions
 schema: ``choices[0].logprobs.top_logprobs[0]`` maps the k most likely next tokens to their log-probs. A
-token is named by its text, or ``bytes:\\xNN...`` where its text alone is not valid UTF-8, as OpenAI does.
+token is named by the text it adds after other tokens (a SentencePiece "▁" piece with its leading space, as
+vLLM names it), or ``bytes:\\xNN...`` where its bytes alone are not valid UTF-8, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -17,16 +18,26 @@ from typing import Any
 import torch
 
 from .bases import DType, load_causal_lm, load_tokenizer, resolve_pretrained
-from .remote import piece_bytes
+from .remote import token_bytes, token_name
 
 
 class CompletionsServer:
-    """Serves one model's next-token top-k log-probs on ``url`` from a background thread (a context manager)."""
+    """Serves one model's next-token top-k log-probs on ``url`` from a background thread (a context manager).
 
-    def __init__(self, name_or_path: str, host: str = "127.0.0.1", port: int = 0, dtype: DType = "float32"):
+    The reply's token is the most likely one; with ``add_sampled_token`` it is sampled (temperature 1) and, when it
+    is not among the top k, added to them as entry k + 1, as vLLM does (the OpenAI contract allows ``logprobs + 1``).
+    Ids with the same name (a byte-fallback piece and the piece that spells its byte) share one entry: the first's.
+    """
+
+    def __init__(
+        self, name_or_path: str, host: str = "127.0.0.1", port: int = 0, dtype: DType = "float32", add_sampled_token: bool = False
+    ):
         path = resolve_pretrained(name_or_path)
         self.tokenizer = load_tokenizer(path)
+        self.names = [token_name(raw) for raw in token_bytes(self.tokenizer)]
         self.lm = load_causal_lm(path, dtype).eval()
+        self.add_sampled_token = add_sampled_token
+        self.generator = torch.Generator().manual_seed(0)
         self.lock = threading.Lock()  # one forward at a time
         self.requests = 0
         self.compute_seconds = 0.0  # in the model's forward, summed over requests
@@ -82,20 +93,19 @@ class CompletionsServer:
             start = time.perf_counter()
             logits = self.lm(input_ids=torch.tensor([ids], device=self.lm.device)).logits[0, -1]
             self.compute_seconds += time.perf_counter() - start
-        values, indices = logits.float().log_softmax(-1).topk(k)
-        top = {self.token_string(token_id): value for token_id, value in zip(indices.tolist(), values.tolist())}
-        best = next(iter(top))
-        return {"object": "text_completion", "choices": [{"index": 0, "text": best, "finish_reason": "length",
-                                                          "logprobs": {"tokens": [best], "token_logprobs": [values[0].item()], "top_logprobs": [top]}}]}
+            logprobs = logits.float().log_softmax(-1).cpu()
+            indices = logprobs.topk(k).indices.tolist()
+            chosen = torch.multinomial(logprobs.exp(), 1, generator=self.generator).item() if self.add_sampled_token else indices[0]
+        top: dict[str, float] = {}
+        for token_id in [*indices, chosen]:  # the chosen token last: a (k + 1)-th entry when not among the top k
+            top.setdefault(self.token_string(token_id), logprobs[token_id].item())
+        name = self.token_string(chosen)
+        logprobs_field = {"tokens": [name], "token_logprobs": [logprobs[chosen].item()], "top_logprobs": [top]}
+        return {"object": "text_completion", "choices": [{"index": 0, "text": name, "finish_reason": "length", "logprobs": logprobs_field}]}
 
     def token_string(self, token_id: int) -> str:
-        """How an API names a token: its text, or ``bytes:\\xNN...`` where the text is not valid UTF-8 on its own."""
-        text = self.tokenizer.decode([token_id])
-        if "\ufffd" not in text:
-            return text
-        raw = piece_bytes(self.tokenizer.convert_ids_to_tokens(token_id))  # a piece of a multi-byte character
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
+        """How the API names a token (``token_bytes``, ``token_name``)."""
+        return self.names[token_id]
 
 
 def main() -> None:

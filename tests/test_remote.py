@@ -1,11 +1,14 @@
 """Black-box bases: RemoteBase against a real HTTP server on 127.0.0.1 serving a tiny in-process model."""
 
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from tests.tokenizer_families import TOKENIZER_FAMILIES
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, RemoteBase, Sampling, TailoredPolicy
 from lightning_ipa.cli import CONF, main
@@ -14,7 +17,44 @@ from lightning_ipa.serving import CompletionsServer
 from lightning_ipa.types import Prompts, position_ids
 
 PROMPTS = ["The dog runs to the tree", "A child reads a book by", "The cat"]
+TEXTS = ["The café of the house, über", "El niño 🙂 y la piña", "中文的句子 and $5.99"]  # Latin-1, emoji, CJK
 SECRET = "sk-test-0123456789-do-not-leak"
+
+
+def byte_twins(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:
+    """SentencePiece byte-fallback pieces ``<0xNN>`` whose byte a piece also spells (a space: "▁") → that piece's id."""
+    vocab = tokenizer.get_vocab()
+    spelled = {i: chr(int(piece[3:5], 16)).replace(" ", "▁") for piece, i in vocab.items() if re.fullmatch(r"<0x[0-7][0-9A-F]>", piece)}
+    return {i: vocab[piece] for i, piece in spelled.items() if piece in vocab}
+
+
+def vllm_name(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """vLLM's name for a token (``convert_ids_list_to_tokens``): ``decode([id])``, with the leading spaces that decode
+    strips from a "▁" piece put back (vllm-project/vllm#48674)."""
+    text, piece = tokenizer.decode([token_id], clean_up_tokenization_spaces=False), tokenizer.convert_ids_to_tokens(token_id)
+    missing = (len(piece) - len(piece.lstrip("▁"))) - (len(text) - len(text.lstrip(" ")))
+    return " " * max(missing, 0) + text
+
+
+def save_family_lm(path: Path, family: str, head_std: float = 1.0) -> str:
+    """A tiny Llama over a tokenizer family, its LM head drawn from N(0, head_std²). As in a trained LM, byte-fallback
+    twins get no mass (the encoder never produces them): their output rows are zero, so their logit 0 stays far below the top k."""
+    tokenizer = TOKENIZER_FAMILIES[family]()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, head_std)
+        model.lm_head.weight[list(byte_twins(tokenizer))] = 0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZER_FAMILIES))
+def family_lm(request, tmp_path_factory) -> str:
+    return save_family_lm(tmp_path_factory.mktemp(request.param), request.param)
 
 
 class FaultyServer(CompletionsServer):
@@ -38,7 +78,22 @@ class FaultyServer(CompletionsServer):
             return 200, {"choices": [{"text": "x"}]}
         elif fault == "unknown token":
             return 200, {"choices": [{"logprobs": {"top_logprobs": [{"<eos>": -0.5, "no such token in this vocabulary": -1.0}]}}]}
+        elif isinstance(fault, dict):  # this top_logprobs[0]
+            return 200, {"choices": [{"logprobs": {"top_logprobs": [fault]}}]}
         return super().handle(path, headers, body)
+
+
+class ReplySizes(CompletionsServer):
+    """Records how many entries each reply's top_logprobs has."""
+
+    def __init__(self, model: str, **kwargs):
+        super().__init__(model, **kwargs)
+        self.sizes: list[int] = []
+
+    def complete(self, ids, k):
+        reply = super().complete(ids, k)
+        self.sizes.append(len(reply["choices"][0]["logprobs"]["top_logprobs"][0]))
+        return reply
 
 
 @pytest.fixture
@@ -56,6 +111,76 @@ def test_every_token_string_maps_back_to_its_id(server, tiny_llama):
     names = [server.token_string(i) for i in range(base.vocab_size)]
     assert any(name.startswith("bytes:") for name in names)  # byte-level tokens that are no text on their own
     assert [base.ids[remote_token_bytes(name)] for name in names] == list(range(base.vocab_size))
+
+
+def test_every_id_comes_back_through_the_api(family_lm):
+    """One request for the whole vocabulary: every id comes back but the byte twins, whose name is their piece's."""
+    with CompletionsServer(family_lm) as server:
+        base = RemoteBase(server.url, "tiny", family_lm, top_logprobs=len(server.tokenizer))
+        prompts = base.encode(TEXTS[:1])
+        logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        names = [server.token_string(i) for i in range(base.vocab_size)]
+    twins = byte_twins(base.tokenizer)
+    assert bool(twins) == ("<0x2C>" in base.tokenizer.get_vocab())  # "," and "<0x2C>": only SentencePiece with byte fallback has twins
+    assert set(logprobs[0].isfinite().nonzero().flatten().tolist()) == set(range(base.vocab_size)) - set(twins)
+    assert base.unmapped_tokens == 0 and base.requests == 1
+    assert [base.ids[remote_token_bytes(name)] for name in names] == [twins.get(i, i) for i in range(base.vocab_size)]
+
+
+def test_the_server_names_tokens_as_vllm_and_openai_do(family_lm):
+    """vLLM's text where a token is whole text, OpenAI's ``bytes:\\xNN`` where it is part of a character; the names of a
+    text's tokens spell the text."""
+    with CompletionsServer(family_lm) as server:
+        tokenizer = server.tokenizer
+        differ = set()
+        for token_id in range(len(tokenizer)):
+            vllm, name = vllm_name(tokenizer, token_id), server.token_string(token_id)
+            if "\ufffd" in vllm:
+                assert name.startswith("bytes:")
+            elif name != vllm:
+                differ.add(tokenizer.convert_ids_to_tokens(token_id))
+        assert differ == ({"<0x20>"} & tokenizer.get_vocab().keys())  # vLLM names it "": decoded alone, Strip removes the space
+        for text in TEXTS:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            spelled = b"".join(remote_token_bytes(server.token_string(i)) for i in ids).decode()
+            assert spelled.removeprefix(" ") == tokenizer.decode(ids)  # SentencePiece's "▁" before the first word is a space
+    assert server.token_string(tokenizer.eos_token_id) == tokenizer.eos_token
+
+
+def test_remote_base_gives_the_local_top_k_log_probs_in_every_family(family_lm):
+    local = LocalBase(family_lm, dtype="float32", top_k=8)
+    with CompletionsServer(family_lm) as server:
+        far = RemoteBase(server.url, "tiny", family_lm, top_logprobs=8)
+        prompts = local.encode(TEXTS)
+        expected, _ = local(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        got, _ = far(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    assert torch.equal(got.isfinite(), expected.isfinite()) and (got.isfinite().sum(-1) == 8).all()
+    assert torch.allclose(got[got.isfinite()], expected[expected.isfinite()], atol=1e-5) and far.unmapped_tokens == 0
+
+
+def test_a_sampled_token_beyond_the_top_k_is_left_out(tmp_path):
+    """vLLM adds the sampled token to the top k when it is not among them: the base keeps the k most likely."""
+    flat = save_family_lm(tmp_path, "sentencepiece_byte_fallback", head_std=0.3)  # samples often fall outside the top 2
+    local = LocalBase(flat, dtype="float32", top_k=2)
+    with ReplySizes(flat, add_sampled_token=True) as server:
+        far = RemoteBase(server.url, "tiny", flat, top_logprobs=2, max_concurrency=1)
+        prompts = local.encode(PROMPTS + TEXTS)
+        expected, _ = local(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        got, _ = far(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    assert 3 in server.sizes and set(server.sizes) <= {2, 3}  # some replies had k + 1 entries
+    assert torch.equal(got.isfinite(), expected.isfinite()) and (got.isfinite().sum(-1) == 2).all()
+    assert torch.allclose(got[got.isfinite()], expected[expected.isfinite()], atol=1e-5)
+
+
+def test_a_reply_of_k_plus_one_entries_gives_its_k_highest_first_in_reply_order(tiny_llama):
+    with FaultyServer(tiny_llama, []) as server:
+        base = remote(server, tiny_llama, top_logprobs=2)
+        comma, dot = base.ids[b","], base.ids[b"."]
+        server.faults = [{",": -3.0, "<eos>": -0.5, ".": -3.0}]  # a tie for the second place: the first in the reply wins
+        prompts = base.encode(PROMPTS[:1])
+        logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+    assert logprobs.isfinite().sum() == 2 and logprobs[0, base.tokenizer.eos_token_id] == -0.5 and logprobs[0, comma] == -3.0
+    assert logprobs[0, dot] == float("-inf")
 
 
 def test_remote_base_gives_the_local_top_k_log_probs(server, tiny_llama):
@@ -166,6 +291,26 @@ def test_unknown_token_strings_are_dropped_and_counted(tiny_llama):
         logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
         assert logprobs.isfinite().sum() == 1 and logprobs[0, base.tokenizer.eos_token_id] == -0.5
         assert base.unmapped_tokens == 1
+
+
+def test_a_reply_of_which_no_token_maps_fails_clearly_rather_than_sampling_nan(tiny_llama):
+    with FaultyServer(tiny_llama, [{"no such token": -0.1, "nor this one": -2.5}]) as server:
+        base = remote(server, tiny_llama)
+        prompts = base.encode(PROMPTS[:1])
+        with pytest.raises(RuntimeError, match=r"none of the 2 tokens .* maps to an id of the tokenizer .*'no such token'.*served model's own tokenizer"):
+            base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+
+
+def test_a_remote_bases_context_window_and_stop_tokens_are_settings(server, tiny_llama):
+    """A server's window is not in its tokenizer folder: ``context_window`` makes long prompts fail before any request."""
+    base = remote(server, tiny_llama, context_window=16, stop_tokens=["<pad>", "<eos>"])
+    assert base.stop_ids == sorted([base.tokenizer.pad_token_id, base.tokenizer.eos_token_id])
+    policy = TailoredPolicy(base, Adapter.build(AdapterConfig(name_or_path=tiny_llama, num_layers=1), base), sampling=Sampling(max_new_tokens=8))
+    assert policy.context_window() == 8
+    with pytest.raises(ValueError, match=r"longer than the 8 tokens that fit in the context window before max_new_tokens=8"):
+        policy.encode(["The dog runs to the tree and the cat sleeps on the warm roof."])
+    assert base.requests == 0
+    assert remote(server, tiny_llama).max_positions is None  # unknown: the server refuses what it cannot read
 
 
 def test_quark_replay_and_adapter_from_a_remote_base_fail_clearly(server, tiny_llama):
