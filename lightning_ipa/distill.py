@@ -16,8 +16,9 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, resolve_pretrained
-from .data import PromptBatch
+from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
+from .data import PromptBatch, PromptDataModule
+from .module import refuse_long_prompts
 from .policy import Sampling, TailoredPolicy
 from .remote import RemoteBase
 from .types import masked_mean, position_ids, sequence
@@ -53,8 +54,9 @@ class DistillModule(LightningModule):
         if tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
             raise ValueError(f"student {student} has another tokenizer than the teacher ({len(tokenizer)} vs {len(teacher.tokenizer)} "
                              "tokens); the proxy must share the API model's tokenizer")
-        self.teacher = TailoredPolicy(teacher, None, sampling=sampling)
         self.student = load_causal_lm(path, dtype)
+        # the student reads prompt + response too: prompts must fit its window as well as the teacher's
+        self.teacher = TailoredPolicy(teacher, None, sampling=sampling, reader_window=max_positions(self.student.config))
         self.tokenizer = tokenizer
         self.strict_loading = False  # checkpoints leave the teacher out
 
@@ -71,6 +73,11 @@ class DistillModule(LightningModule):
         self.log_dict({"distill/nll": loss, "distill/response_length": rollout.response_mask.sum(-1).float().mean()},
                       prog_bar=True, batch_size=len(ids))
         return loss
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any work, prompts too long for the teacher's or the student's window (``sampling.long_prompts``)."""
+        if isinstance(data := self.trainer.datamodule, PromptDataModule):
+            refuse_long_prompts(self.teacher, data, stage)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.student.parameters(), lr=self.hparams.lr)

@@ -271,12 +271,7 @@ class IPAModule(LightningModule):
         if not isinstance(data, PromptDataModule):
             return  # dataloaders given directly: nothing to check against
         data.check_splits(stage)
-        if self.policy.sampling.long_prompts == "refuse":
-            for split in ("train", "val") if stage == "fit" else (data.stage_split(stage),):
-                if split in data.splits and (long := self.policy.long_prompts([item["prompt"] for item in data.splits[split]])):
-                    room = self.policy.context_window()
-                    raise ValueError(long_prompts_error(long, [item["prompt"] for item in data.splits[split]], room,
-                                                        self.policy.sampling.max_new_tokens, f"the {split!r} split ({data.split_source(split)})"))
+        refuse_long_prompts(self.policy, data, stage)
         if stage != "fit":
             return
         steps = self.algorithm.updates_per_rollout(data.batch_size)
@@ -359,3 +354,19 @@ class IPAModule(LightningModule):
                 f"the checkpoint {path or ''} does not fit the configured model (adapter, algorithm):\n  " + "\n  ".join(problems)
                 + f"\nTo load it, {hint} (with your changes to decoding or evaluation after it)"
             )
+
+
+def refuse_long_prompts(policy: TailoredPolicy, data: PromptDataModule, stage: str) -> None:
+    """With ``sampling.long_prompts='refuse'``, refuse before any work the prompts of the splits ``stage`` reads that are
+    longer than ``policy.context_window()`` allows (each named by its index in the split and its token count).
+
+    Raises:
+        ValueError: ``long_prompts_error``'s message, naming the split and where its prompts come from.
+    """
+    if policy.sampling.long_prompts != "refuse":
+        return
+    for split in ("train", "val") if stage == "fit" else (data.stage_split(stage),):
+        prompts = [item["prompt"] for item in data.splits.get(split, [])]
+        if long := policy.long_prompts(prompts):
+            where = f"the {split!r} split ({data.split_source(split)})"
+            raise ValueError(long_prompts_error(long, prompts, policy.context_window(), policy.sampling.max_new_tokens, where))

@@ -166,8 +166,13 @@ class TailoredPolicy(nn.Module):
     Without an adapter it samples the base alone (``use_adapter=False``), e.g. a teacher to distil.
     """
 
-    def __init__(self, base: LocalBase | RemoteBase, adapter: Optional[Adapter], alpha: float = 1.0, sampling: Sampling = Sampling()):
-        """Raises ValueError for an ``alpha`` (the adapter's weight α) that is negative or not finite."""
+    def __init__(
+        self, base: LocalBase | RemoteBase, adapter: Optional[Adapter], alpha: float = 1.0, sampling: Sampling = Sampling(),
+        reader_window: Optional[int] = None,
+    ):
+        """``reader_window``: the context window of another model that reads prompt + response (a distilled student).
+
+        Raises ValueError for an ``alpha`` (the adapter's weight α) that is negative or not finite."""
         if not 0 <= alpha < float("inf"):
             raise ValueError(
                 f"alpha must be ≥ 0 and finite, got {alpha}: it weighs the adapter in log_softmax(base) + α·adapter (0: the base "
@@ -178,6 +183,7 @@ class TailoredPolicy(nn.Module):
         self.adapter = adapter
         self.alpha = alpha
         self.sampling = sampling
+        self.reader_window = reader_window
         self.pad_id = base.tokenizer.pad_token_id
         stops = torch.zeros(base.vocab_size, dtype=torch.bool)
         stops[base.stop_ids] = True
@@ -189,20 +195,21 @@ class TailoredPolicy(nn.Module):
         self.context_window()  # refuses a window that max_new_tokens alone fills
 
     def context_window(self) -> Optional[int]:
-        """The most tokens a prompt may have: the smallest context window of base and adapter (``max_positions``;
-        one less for an adapter's prefix control code) less ``max_new_tokens``; None where no window is known.
+        """The most tokens a prompt may have: the smallest context window of base, adapter (``max_positions``; one less
+        for an adapter's prefix control code) and ``reader_window``, less ``max_new_tokens``; None where no window is known.
 
         Raises:
             ValueError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        windows = [w for w in (self.base.max_positions, self.adapter.max_tokens if self.adapter is not None else None) if w is not None]
+        adapter = self.adapter.max_tokens if self.adapter is not None else None
+        windows = [w for w in (self.base.max_positions, adapter, self.reader_window) if w is not None]
         if not windows:
             return None
         room = min(windows) - self.sampling.max_new_tokens
         if room < 1:
             raise ValueError(f"max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in a context window of "
-                             f"{min(windows)} tokens (base {self.base.max_positions}, adapter "
-                             f"{self.adapter.max_tokens if self.adapter is not None else '-'}): lower sampling.max_new_tokens")
+                             f"{min(windows)} tokens (base {self.base.max_positions}, adapter {adapter}, other reader "
+                             f"{self.reader_window}): lower sampling.max_new_tokens")
         return room
 
     def long_prompts(self, prompts: list[str]) -> list[tuple[int, int]]:

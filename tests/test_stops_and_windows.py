@@ -304,3 +304,22 @@ def test_a_classifier_reward_reads_the_start_of_a_response_longer_than_its_windo
     first = tokenizer.convert_tokens_to_string(tokenizer.tokenize(long)[: window - 2])  # [CLS] … [SEP] around them
     scores = reward(["p", "p"], [long, first], [{}, {}])["reward"]
     assert scores[0] == pytest.approx(scores[1].item(), abs=1e-6)
+
+
+def test_distillation_prompts_fit_the_students_window_too(tiny_llama, tmp_path):
+    """The student reads prompt + teacher response: a student with a smaller window than the teacher's bounds the prompts."""
+    from transformers import AutoTokenizer
+
+    from lightning_ipa.distill import DistillModule
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 max_position_embeddings=32)).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    distill = DistillModule(LocalBase(tiny_llama, dtype="float32"), str(tmp_path / "student"), str(tmp_path / "out"), Sampling(max_new_tokens=8))
+    assert distill.teacher.context_window() == 24  # the student's 32, not the teacher's 256
+    data = ConceptsDataModule(batch_size=2, train_size=8, val_size=2)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"prompts? of the 'train' split \(train_size=8\) (is|are) longer than the 24 tokens"):
+        trainer.fit(distill, datamodule=data)
+    assert distill.teacher.base.forward_count == 0
