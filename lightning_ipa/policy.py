@@ -269,9 +269,10 @@ class TailoredPolicy(nn.Module):
         return self.stops[response_ids.gather(-1, last[:, None]).squeeze(-1)] & response_mask.any(-1)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
-        """Response texts [B]: the generated tokens before the stop token, special tokens dropped (as rewards see them)."""
-        kept = response_mask.bool() & ~self.stops[response_ids]
-        return [self.base.tokenizer.decode(ids[keep], skip_special_tokens=True) for ids, keep in zip(response_ids, kept)]
+        """Response texts [B] of the generated tokens, special tokens dropped (as rewards see them): a stop token shows in
+        the text unless it is a special token (EOS, an end of turn), as vLLM's ``stop_token_ids`` and HF ``generate`` +
+        ``decode(skip_special_tokens=True)`` give it (e.g. ``stop_tokens=["."]`` keeps the final ".")."""
+        return [self.base.tokenizer.decode(ids[real], skip_special_tokens=True) for ids, real in zip(response_ids, response_mask.bool())]
 
     @torch.no_grad()
     def sample(

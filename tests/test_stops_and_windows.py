@@ -107,6 +107,22 @@ def test_sampling_stops_at_any_stop_id_as_hf_generate_does(chat_llama):
     assert module.shaped_reward(rollout, torch.zeros(2)).tolist() == [0.0, 0.0]  # ended: no penalty
 
 
+def test_a_stop_token_that_is_not_special_stays_in_the_text_as_hf_generate_and_vllm_give_it(chat_llama):
+    base = LocalBase(chat_llama, dtype="float32", stop_tokens=["."])
+    dot = base.tokenizer.convert_tokens_to_ids(".")
+    favour(base.lm, dot)
+    policy = policy_over(base, alpha=0.0, max_new_tokens=6)
+    prompts = base.encode(["The dog runs"])
+    torch.manual_seed(3)
+    rollout = policy.sample(prompts)
+    torch.manual_seed(3)
+    hf = base.lm.generate(prompts.ids, attention_mask=prompts.mask, do_sample=True, top_k=0, max_new_tokens=6, min_new_tokens=1,
+                          eos_token_id=[dot], suppress_tokens=[base.tokenizer.pad_token_id])[:, prompts.ids.shape[1]:]
+    assert torch.equal(rollout.response_ids, hf) and hf[0, -1] == dot
+    text = policy.decode(rollout.response_ids, rollout.response_mask)[0]
+    assert text == base.tokenizer.decode(hf[0], skip_special_tokens=True) and text.endswith(".")
+
+
 def test_min_new_tokens_bans_every_stop_id(chat_llama):
     base = LocalBase(chat_llama, dtype="float32")
     eos, eot = base.stop_ids
