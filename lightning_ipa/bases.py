@@ -121,7 +121,7 @@ def encode_prompts(
 def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str]) -> list[int]:
     """The number of tokens ``encode_prompts`` gives each prompt (padding aside)."""
     texts = chat_texts(tokenizer, prompts, chat_template, system_prompt)
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]] if texts else []
 
 
 def chat_texts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool, system_prompt: Optional[str]) -> list[str]:

@@ -218,8 +218,7 @@ class RemoteBase(nn.Module):
         rows = [i for i, real in enumerate(alive.tolist()) if real]
         for i, top in zip(rows, self.pool.map(self.top_logprobs_of, [cache.rows[i] for i in rows])):
             logprobs[i] = float("-inf")
-            for token_id, value in top.items():
-                logprobs[i, token_id] = value
+            logprobs[i, list(top)] = torch.tensor(list(top.values()))
         return logprobs.to(self.anchor.device), cache
 
     def response_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:

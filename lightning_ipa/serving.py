@@ -97,8 +97,9 @@ class CompletionsServer:
             indices = logprobs.topk(k).indices.tolist()
             chosen = torch.multinomial(logprobs.exp(), 1, generator=self.generator).item() if self.add_sampled_token else indices[0]
         top: dict[str, float] = {}
-        for token_id in [*indices, chosen]:  # the chosen token last: a (k + 1)-th entry when not among the top k
-            top.setdefault(self.token_string(token_id), logprobs[token_id].item())
+        listed = [*indices, chosen]  # the chosen token last: a (k + 1)-th entry when not among the top k
+        for token_id, value in zip(listed, logprobs[listed].tolist()):
+            top.setdefault(self.token_string(token_id), value)
         name = self.token_string(chosen)
         logprobs_field = {"tokens": [name], "token_logprobs": [logprobs[chosen].item()], "top_logprobs": [top]}
         return {"object": "text_completion", "choices": [{"index": 0, "text": name, "finish_reason": "length", "logprobs": logprobs_field}]}
