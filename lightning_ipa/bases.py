@@ -155,17 +155,20 @@ def truncate_at_window(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> 
     return tokenizer
 
 
-def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> Optional[int]:
+def chat_end_of_turn(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str] = None) -> Optional[int]:
     """The token the chat template closes an assistant turn with (Llama-3 ``<|eot_id|>``, Qwen/SmolLM2 ``<|im_end|>``,
-    Gemma ``<end_of_turn>``), or None: the first token after the assistant's text when a two-turn chat is rendered,
-    if it is a special token (a template that closes turns with plain text, or renders no assistant turn, has none)."""
+    Gemma ``<end_of_turn>``), or None: the first token after the assistant's text (whitespace skipped) when a chat of a
+    user and an assistant turn (after ``system_prompt``'s turn, if given) is rendered, if it is a special token. A
+    template that closes turns with plain text, or refuses to render an assistant turn, has none."""
     mark = "\u2063IPA-END-OF-TURN\u2063"
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    chat = system + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}]
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False)
-    except Exception:  # no chat template, or one that refuses this conversation
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template that refuses this conversation (jinja raises anything)
         return None
     _, found, after = text.partition(mark)
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if found and after else []
+    ids = tokenizer(after.lstrip(), add_special_tokens=False)["input_ids"] if found else []
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     return ids[0] if ids and ids[0] in special else None
 
@@ -174,31 +177,45 @@ StopTokens = Sequence[Union[int, str]]
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Optional[GenerationConfig], chat_template: bool,
-             stop_tokens: Optional[StopTokens], vocab_size: int) -> list[int]:
-    """The token ids that end a response, sorted: ``stop_tokens`` when given (ids, or token strings of the vocabulary),
-    else the union of the tokenizer's EOS, the generation config's ``eos_token_id`` (an id or a list: Llama-3 and Qwen
-    chat models list their end of turn there) and, with ``chat_template``, the template's end of turn
-    (``chat_end_of_turn``), as HF ``generate`` stops on any id of ``generation_config.eos_token_id``. Ids of the
-    configs beyond the model's ``vocab_size`` (a config copied from another model) are left out, with a warning.
+             stop_tokens: Optional[StopTokens], vocab_size: int, system_prompt: Optional[str] = None) -> list[int]:
+    """The token ids that end a response, sorted: ``stop_tokens`` when given (ids, or token strings as the vocabulary
+    spells them: GPT-2's newline is "Ċ"; a string of digits is read as an id, as the CLI parses it), else the union of
+    the tokenizer's EOS, the generation config's ``eos_token_id`` (an id or a list: Llama-3 and Qwen chat models list
+    their end of turn there) and, with ``chat_template``, the template's end of turn (``chat_end_of_turn``), as HF
+    ``generate`` stops on any id of ``generation_config.eos_token_id``. Ids of the configs beyond the model's
+    ``vocab_size`` (a config copied from another model) are left out, with a warning; so is a chat template's end of
+    turn that cannot be found (a warning says so).
 
     Raises:
-        ValueError: a ``stop_tokens`` entry that is not in the vocabulary, an empty ``stop_tokens``, or no stop id at all.
+        ValueError: a ``stop_tokens`` entry that is not in the vocabulary (with what its text encodes to), an empty
+            ``stop_tokens``, no stop id at all, or ``chat_template`` with a tokenizer that has no chat template.
     """
+    if chat_template and not tokenizer.chat_template:
+        raise ValueError(f"chat_template=true, but the tokenizer {tokenizer.name_or_path} has no chat template (a base model, not "
+                         "an instruction-tuned one): set --model.base.init_args.chat_template=false, or use a chat model")
     vocab = tokenizer.get_vocab()
     if stop_tokens is not None:
+        stop_tokens = [stop_tokens] if isinstance(stop_tokens, (str, int)) else list(stop_tokens)  # one token, not its characters
         unknown = [t for t in stop_tokens if (t not in vocab if isinstance(t, str) else not 0 <= t < vocab_size)]
         if unknown or not stop_tokens:
+            spelled = "; ".join(f"{t!r} encodes as {tokenizer.tokenize(t)} (ids {tokenizer.encode(t, add_special_tokens=False)})"
+                                for t in unknown if isinstance(t, str))
             raise ValueError(
-                f"stop_tokens={list(stop_tokens)}: " + (f"{unknown} not in the tokenizer's vocabulary ({vocab_size} ids)" if unknown else
-                "empty") + "; give token ids or token strings as the vocabulary spells them (e.g. '<|eot_id|>'), or leave it unset "
-                "(None) for the model's own: its EOS, generation config's eos_token_id and chat template's end of turn"
+                f"stop_tokens={stop_tokens}: " + (f"{unknown} not in the tokenizer's vocabulary ({vocab_size} ids)" if unknown else "empty")
+                + (f" ({spelled})" if spelled else "") + "; give token ids or token strings as the vocabulary spells them (e.g. "
+                "'<|eot_id|>', GPT-2's newline 'Ċ'), or leave it unset (None) for the model's own: its EOS, the generation config's "
+                "eos_token_id and the chat template's end of turn"
             )
         return sorted({vocab[t] if isinstance(t, str) else int(t) for t in stop_tokens})
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = generation_config.eos_token_id if generation_config is not None else None
     ids |= set(configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured])
-    if chat_template and (end := chat_end_of_turn(tokenizer)) is not None:
-        ids.add(end)
+    if chat_template:
+        if (end := chat_end_of_turn(tokenizer, system_prompt)) is not None:
+            ids.add(end)
+        else:
+            warnings.warn(f"chat_template=true: found no special token that ends the assistant's turn in the chat template of "
+                          f"{tokenizer.name_or_path}; responses stop at {sorted(ids)} only (set stop_tokens to add it)", stacklevel=2)
     if outside := sorted(i for i in ids if not 0 <= i < vocab_size):
         warnings.warn(f"stop token ids {outside} of the tokenizer or generation config lie outside the model's vocabulary of "
                       f"{vocab_size} tokens: left out (set stop_tokens to choose the stop tokens yourself)", stacklevel=2)
@@ -207,6 +224,13 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Optional[Gen
         raise ValueError("the tokenizer has no EOS token and the generation config no eos_token_id: set stop_tokens to the "
                          "token(s) that end a response")
     return sorted(ids)
+
+
+def pad_with_a_stop_token(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> None:
+    """Give a tokenizer with neither a pad nor an EOS token (``load_tokenizer`` borrows EOS) the first stop token as its
+    pad token: batches need one, and it only ever fills positions that masks leave out."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(stops[0])
 
 
 def read_generation_config(path: str) -> Optional[GenerationConfig]:
@@ -257,8 +281,9 @@ class LocalBase(nn.Module):
             system_prompt: System turn for the chat template (None: the template's default).
             top_k: Keep only the base's k most likely tokens per step (None: all): the support an API base
                 returns (``RemoteBase.top_logprobs``), so that an adapter trains under the support it will see.
-            stop_tokens: The tokens that end a response (ids or token strings); None: the model's own (``stop_ids``:
-                EOS, the generation config's ``eos_token_id`` list, the chat template's end of turn).
+            stop_tokens: The tokens that end a response (ids or token strings as the vocabulary spells them; digits are
+                ids); None: the model's own (``stop_ids``: EOS, the generation config's ``eos_token_id`` list, the chat
+                template's end of turn).
         """
         super().__init__()
         self.path = resolve_pretrained(name_or_path)
@@ -267,7 +292,8 @@ class LocalBase(nn.Module):
         self.top_k = top_k
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
-        self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens, self.vocab_size)  # sorted
+        self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens, self.vocab_size, system_prompt)
+        pad_with_a_stop_token(self.tokenizer, self.stop_ids)
         self.max_positions = max_positions(self.lm.config)  # its context window (None: unbounded)
         self.forward_count = 0  # incremental forwards since construction: one per generated token
 

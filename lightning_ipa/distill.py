@@ -56,7 +56,7 @@ class DistillModule(LightningModule):
                              "tokens); the proxy must share the API model's tokenizer")
         self.student = load_causal_lm(path, dtype)
         # the student reads prompt + response too: prompts must fit its window as well as the teacher's
-        self.teacher = TailoredPolicy(teacher, None, sampling=sampling, reader_window=max_positions(self.student.config))
+        self.teacher = TailoredPolicy(teacher, None, sampling=sampling, readers={"student": max_positions(self.student.config)})
         self.tokenizer = tokenizer
         self.strict_loading = False  # checkpoints leave the teacher out
 

@@ -182,7 +182,7 @@ class IPAModule(LightningModule):
         logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
         logs["train/ended"] = self.ended(rollout).float().mean()
         if self.policy.sampling.long_prompts == "cut_left":
-            logs["train/prompts_cut"] = torch.tensor(float(self.policy.prompts_cut), device=self.device)  # cumulative
+            logs["train/prompts_cut"] = torch.tensor(float(self.policy.last_cut), device=self.device)  # of this rollout's prompts
         logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
         shown = {"train/reward", "train/kl"}
         self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)
@@ -217,6 +217,8 @@ class IPAModule(LightningModule):
     def _evaluate(self, batch: PromptBatch, batch_idx: int, stage: Stage) -> None:
         k = self.evaluation.num_samples(stage)
         responses = self.generate(batch["prompt"], batch_idx, k)
+        if self.policy.sampling.long_prompts == "cut_left":  # how many of the stage's prompts were cut (summed)
+            self.log(f"{stage}/prompts_cut", float(self.policy.last_cut), reduce_fx="sum", batch_size=len(batch["prompt"]))
         repeated = repeat_prompts(batch, k)
         samples = {
             policy: Samples(batch["prompt"], texts, {**self.score(repeated, texts), **self.evaluation.score(repeated["prompt"], texts)}, k, batch["meta"])
@@ -369,4 +371,4 @@ def refuse_long_prompts(policy: TailoredPolicy, data: PromptDataModule, stage: s
         prompts = [item["prompt"] for item in data.splits.get(split, [])]
         if long := policy.long_prompts(prompts):
             where = f"the {split!r} split ({data.split_source(split)})"
-            raise ValueError(long_prompts_error(long, prompts, policy.context_window(), policy.sampling.max_new_tokens, where))
+            raise ValueError(long_prompts_error(long, prompts, policy.context_window(), policy.sampling.max_new_tokens, where, policy.windows_text()))

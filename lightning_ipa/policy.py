@@ -36,8 +36,9 @@ class Sampling:
         min_tokens_to_keep: Top-k and top-p never keep fewer tokens than this (transformers' ``min_tokens_to_keep``).
         long_prompts: A prompt with more tokens than fit in the context window with ``max_new_tokens`` after it (the
             smallest window of base and adapter): 'refuse' (an error naming it; ``IPAModule`` checks every prompt of
-            the splits a run reads before any work) or 'cut_left' (its first tokens are dropped, a chat template's
-            system turn included; the count is warned about and logged as ``train/prompts_cut``).
+            the splits a run reads before any work) or 'cut_left' (the first tokens of its text are dropped; BOS and the
+            chat template's turns stay; the first cut warns, and the counts are logged as ``train/prompts_cut`` per
+            rollout and ``val/prompts_cut``/``test/prompts_cut`` per evaluation).
     """
 
     max_new_tokens: int = 32
@@ -142,13 +143,13 @@ def _truncate_ranked(values: Tensor, ids: Tensor, vocab: int, k: int, top_p: flo
     return Truncated(ids, values.log_softmax(-1)), decided
 
 
-def long_prompts_error(long: list[tuple[int, int]], prompts: list[str], room: int, max_new_tokens: int, where: str) -> str:
+def long_prompts_error(long: list[tuple[int, int]], prompts: list[str], room: int, max_new_tokens: int, where: str, windows: str) -> str:
     """The message that refuses prompts too long for the context window: which (index, tokens, start), the limit, the fixes."""
     shown = "; ".join(f"#{i}: {n} tokens ({prompts[i][:60]!r}{'…' * (len(prompts[i]) > 60)})" for i, n in long[:5])
     more = f" and {len(long) - 5} more" if len(long) > 5 else ""
     return (
         f"{len(long)} prompt{'s' * (len(long) != 1)} of {where} {'are' if len(long) != 1 else 'is'} longer than the {room} tokens that fit in "
-        f"the context window before max_new_tokens={max_new_tokens}: {shown}{more}. Cut them from the left "
+        f"the context window ({windows}) before max_new_tokens={max_new_tokens}: {shown}{more}. Cut them from the left "
         "(--model.sampling.long_prompts=cut_left), lower --model.sampling.max_new_tokens, or shorten the prompts"
     )
 
@@ -168,9 +169,9 @@ class TailoredPolicy(nn.Module):
 
     def __init__(
         self, base: LocalBase | RemoteBase, adapter: Optional[Adapter], alpha: float = 1.0, sampling: Sampling = Sampling(),
-        reader_window: Optional[int] = None,
+        readers: Optional[dict[str, Optional[int]]] = None,
     ):
-        """``reader_window``: the context window of another model that reads prompt + response (a distilled student).
+        """``readers``: the context windows of other models that read prompt + response, by name (a distilled student).
 
         Raises ValueError for an ``alpha`` (the adapter's weight α) that is negative or not finite."""
         if not 0 <= alpha < float("inf"):
@@ -183,34 +184,44 @@ class TailoredPolicy(nn.Module):
         self.adapter = adapter
         self.alpha = alpha
         self.sampling = sampling
-        self.reader_window = reader_window
-        self.pad_id = base.tokenizer.pad_token_id
+        self.readers = dict(readers or {})
+        tokenizer = base.tokenizer
+        self.pad_id = tokenizer.pad_token_id  # fills finished rows; masks leave those positions out
         stops = torch.zeros(base.vocab_size, dtype=torch.bool)
         stops[base.stop_ids] = True
         never = torch.zeros(base.vocab_size, dtype=torch.bool)
-        never[self.pad_id] = not stops[self.pad_id]  # padding is never sampled, unless it is also a stop token
+        # a dedicated padding token is never sampled; one borrowed from EOS (GPT-2, Pythia) or a stop token (Qwen's
+        # <|endoftext|>) is a real token of the model and keeps its probability
+        never[self.pad_id] = not stops[self.pad_id] and self.pad_id != tokenizer.eos_token_id
         self.register_buffer("stops", stops, persistent=False)  # [V] the tokens that end a response (base.stop_ids)
         self.register_buffer("never_sampled", never, persistent=False)  # [V]
-        self.prompts_cut = 0  # prompts cut from the left to fit the context window (long_prompts='cut_left')
+        self.prompts_cut = 0  # prompts cut from the left to fit the context window (long_prompts='cut_left'), in all
+        self.last_cut = 0  # of them, in the last ``encode``
         self.context_window()  # refuses a window that max_new_tokens alone fills
 
+    def windows(self) -> dict[str, int]:
+        """The context windows that bound prompt + response, by model: base, adapter (``Adapter.max_tokens``) and ``readers``."""
+        windows = {"base": self.base.max_positions, "adapter": self.adapter.max_tokens if self.adapter is not None else None, **self.readers}
+        return {name: window for name, window in windows.items() if window is not None}
+
     def context_window(self) -> Optional[int]:
-        """The most tokens a prompt may have: the smallest context window of base, adapter (``max_positions``; one less
-        for an adapter's prefix control code) and ``reader_window``, less ``max_new_tokens``; None where no window is known.
+        """The most tokens a prompt may have: the smallest of ``windows()`` less ``max_new_tokens``; None where no window is known.
 
         Raises:
             ValueError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        adapter = self.adapter.max_tokens if self.adapter is not None else None
-        windows = [w for w in (self.base.max_positions, adapter, self.reader_window) if w is not None]
+        windows = self.windows()
         if not windows:
             return None
-        room = min(windows) - self.sampling.max_new_tokens
+        room = min(windows.values()) - self.sampling.max_new_tokens
         if room < 1:
             raise ValueError(f"max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in a context window of "
-                             f"{min(windows)} tokens (base {self.base.max_positions}, adapter {adapter}, other reader "
-                             f"{self.reader_window}): lower sampling.max_new_tokens")
+                             f"{min(windows.values())} tokens ({self.windows_text()}): lower sampling.max_new_tokens")
         return room
+
+    def windows_text(self) -> str:
+        """``windows()`` for messages, e.g. 'base 2048, adapter 2048, student 1024'."""
+        return ", ".join(f"{name} {window}" for name, window in self.windows().items())
 
     def long_prompts(self, prompts: list[str]) -> list[tuple[int, int]]:
         """(index, token count) of the prompts longer than ``context_window`` allows."""
@@ -223,23 +234,49 @@ class TailoredPolicy(nn.Module):
     def encode(self, prompts: list[str]) -> Prompts:
         """Tokenise prompt texts into a left-padded batch that fits the context window with ``max_new_tokens`` after it.
 
-        A longer prompt is refused or cut from the left, as ``sampling.long_prompts`` says.
+        A longer prompt is refused or cut from the left, as ``sampling.long_prompts`` says. The cut drops the first tokens
+        of the prompt's own text; BOS and the chat template's turn around it stay (the text is rendered again). The first
+        cut warns; ``prompts_cut`` and ``last_cut`` count them.
 
         Raises:
-            ValueError: with ``long_prompts='refuse'``, a prompt longer than ``context_window``.
+            ValueError: with ``long_prompts='refuse'``, a prompt longer than ``context_window`` (``long_prompts_error``);
+                with 'cut_left', a chat template and special tokens that alone take the whole room.
         """
         encoded, room = self.base.encode(prompts), self.context_window()
+        self.last_cut = 0
         if room is None or encoded.ids.shape[1] <= room:
             return encoded
-        lengths = encoded.mask.sum(-1)
-        long = (lengths > room).nonzero().squeeze(-1).tolist()
+        lengths = encoded.mask.sum(-1).tolist()
+        long = [i for i, n in enumerate(lengths) if n > room]
         if self.sampling.long_prompts == "refuse":
-            raise ValueError(long_prompts_error([(i, int(lengths[i])) for i in long], prompts, room, self.sampling.max_new_tokens, "this batch"))
+            raise ValueError(long_prompts_error([(i, lengths[i]) for i in long], prompts, room, self.sampling.max_new_tokens,
+                                                "this batch", self.windows_text()))
+        if not self.prompts_cut:
+            warnings.warn(f"prompts longer than the {room} tokens that fit in the context window ({self.windows_text()}) before "
+                          f"max_new_tokens={self.sampling.max_new_tokens} are cut from the left (sampling.long_prompts=cut_left): "
+                          f"{len(long)} of this batch of {len(prompts)}; later ones are counted in train/prompts_cut and "
+                          "val/prompts_cut, not warned about again", stacklevel=2)
+        self.last_cut = len(long)
         self.prompts_cut += len(long)
-        warnings.warn(f"{len(long)} of {len(prompts)} prompts have more than the {room} tokens that fit before max_new_tokens="
-                      f"{self.sampling.max_new_tokens} in the context window: cut from the left (sampling.long_prompts=cut_left; "
-                      f"{self.prompts_cut} cut so far)", stacklevel=2)
-        return Prompts(encoded.ids[:, -room:], encoded.mask[:, -room:])  # left-padded: each row's last tokens
+        cut = list(prompts)
+        for i in long:
+            cut[i] = self.cut_left(prompts[i], room)
+        return self.base.encode(cut)
+
+    def cut_left(self, prompt: str, room: int) -> str:
+        """``prompt`` without as many of its first tokens as it takes for it, as ``base.encode`` renders it (BOS, chat
+        template), to have at most ``room`` tokens."""
+        tokenizer, chat, system = self.base.tokenizer, self.base.chat_template, self.base.system_prompt
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        keep = len(ids) - (prompt_lengths(tokenizer, [prompt], chat, system)[0] - room)
+        while keep > 0:  # decoding and re-encoding a cut can merge or split a token at its edge: check, and cut one more
+            text = tokenizer.decode(ids[-keep:])
+            if prompt_lengths(tokenizer, [text], chat, system)[0] <= room:
+                return text
+            keep -= 1
+        raise ValueError(f"the chat template and special tokens around a prompt alone take more than the {room} tokens that fit "
+                         f"in the context window ({self.windows_text()}) before max_new_tokens={self.sampling.max_new_tokens}: "
+                         "lower --model.sampling.max_new_tokens, or shorten the system prompt")
 
     def train(self, mode: bool = True) -> "TailoredPolicy":
         return super().train(False)  # no dropout: rollout and loss must see one distribution

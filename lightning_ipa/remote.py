@@ -16,7 +16,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .bases import StopTokens, encode_prompts, load_tokenizer, read_generation_config, resolve_pretrained, stop_ids
+from .bases import (
+    StopTokens, encode_prompts, load_tokenizer, pad_with_a_stop_token, read_generation_config, resolve_pretrained, stop_ids,
+)
 from .types import Prompts
 
 
@@ -155,7 +157,7 @@ class RemoteBase(nn.Module):
             max_retries: Retries of a request that timed out, got HTTP 429/5xx or malformed JSON.
             backoff: Seconds before the first retry; doubled at each further one.
             max_concurrency: Requests in flight at once.
-            stop_tokens: The tokens that end a response (ids or token strings); None: the model's own (``stop_ids``:
+            stop_tokens: The tokens that end a response (ids or token strings; digits are ids); None: the model's own (``stop_ids``:
                 the tokenizer's EOS, the ``eos_token_id`` of a ``generation_config.json`` beside it, the chat
                 template's end of turn). Set it to what the server stops on when its tokenizer folder lacks them.
             context_window: The served model's context length in tokens (vLLM's ``max_model_len``), so that long
@@ -168,7 +170,8 @@ class RemoteBase(nn.Module):
         self.path = None  # no local weights: the adapter needs its own checkpoint
         path = resolve_pretrained(tokenizer)
         self.tokenizer = load_tokenizer(path)
-        self.stop_ids = stop_ids(self.tokenizer, read_generation_config(path), chat_template, stop_tokens, self.vocab_size)
+        self.stop_ids = stop_ids(self.tokenizer, read_generation_config(path), chat_template, stop_tokens, self.vocab_size, system_prompt)
+        pad_with_a_stop_token(self.tokenizer, self.stop_ids)
         self.max_positions = context_window
         self.top_logprobs = top_logprobs
         self.chat_template = chat_template

@@ -307,7 +307,7 @@ def test_a_remote_bases_context_window_and_stop_tokens_are_settings(server, tiny
     assert base.stop_ids == sorted([base.tokenizer.pad_token_id, base.tokenizer.eos_token_id])
     policy = TailoredPolicy(base, Adapter.build(AdapterConfig(name_or_path=tiny_llama, num_layers=1), base), sampling=Sampling(max_new_tokens=8))
     assert policy.context_window() == 8
-    with pytest.raises(ValueError, match=r"longer than the 8 tokens that fit in the context window before max_new_tokens=8"):
+    with pytest.raises(ValueError, match=r"longer than the 8 tokens that fit in the context window \(base 16, adapter 256\) before max_new_tokens=8"):
         policy.encode(["The dog runs to the tree and the cat sleeps on the warm roof."])
     assert base.requests == 0
     assert remote(server, tiny_llama).max_positions is None  # unknown: the server refuses what it cannot read

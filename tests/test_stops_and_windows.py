@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lightning_ipa import Adapter, AdapterConfig, IPAModule, LocalBase, Perplexity, Sampling, TailoredPolicy
+from lightning_ipa.bases import stop_ids
 from lightning_ipa.evaluation import sliding_windows
 from lightning_ipa.rewards import Reward
 from lightning_ipa.types import position_ids
@@ -201,21 +202,40 @@ def test_a_prompt_too_long_for_the_window_is_refused_by_default(short_gpt2):
     assert base.max_positions == 32 and len(base.tokenizer(LONG_PROMPT)["input_ids"]) > 20
     policy = policy_over(base, max_new_tokens=12)
     assert policy.context_window() == 20
-    with pytest.raises(ValueError, match=r"1 prompt of this batch is longer than the 20 tokens that fit in the context window before "
-                                         r"max_new_tokens=12: #1: \d+ tokens \('The dog runs.*long_prompts=cut_left"):
+    with pytest.raises(ValueError, match=r"1 prompt of this batch is longer than the 20 tokens that fit in the context window \(base 32, "
+                                         r"adapter 32\) before max_new_tokens=12: #1: \d+ tokens \('The dog runs.*long_prompts=cut_left"):
         policy.sample(policy.encode(["A child", LONG_PROMPT]))
 
 
 def test_a_prompt_too_long_for_the_window_is_cut_from_the_left_when_asked(short_gpt2):
     base = LocalBase(short_gpt2, dtype="float32")
     policy = policy_over(base, max_new_tokens=12, min_new_tokens=12, long_prompts="cut_left")
-    with pytest.warns(UserWarning, match=r"1 of 2 prompts have more than the 20 tokens .* cut from the left"):
+    with pytest.warns(UserWarning, match=r"longer than the 20 tokens .* \(base 32, adapter 32\) .* cut from the left .* 1 of this batch of 2"):
         prompts = policy.encode(["A child", LONG_PROMPT])
     full = base.tokenizer(LONG_PROMPT)["input_ids"]
-    assert prompts.ids.shape[1] == 20 and prompts.ids[1].tolist() == full[-20:] and policy.prompts_cut == 1
+    assert prompts.ids.shape[1] == 20 and prompts.ids[1].tolist() == full[-20:] and (policy.prompts_cut, policy.last_cut) == (1, 1)
     rollout = policy.sample(prompts, torch.Generator().manual_seed(0))  # 20 + 12 positions: the whole window, no index error
     assert rollout.response_mask.sum(-1).tolist() == [12, 12]
     assert torch.isfinite(policy.evaluate(rollout).logprobs).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later cuts are counted, not warned about
+        policy.encode([LONG_PROMPT] * 3)
+    assert (policy.prompts_cut, policy.last_cut) == (4, 3)
+
+
+def test_a_cut_keeps_bos_and_the_chat_templates_turns(chat_llama):
+    """The cut drops the first tokens of the prompt's text; BOS and the chat turns around it are rendered again."""
+    base = LocalBase(chat_llama, dtype="float32", chat_template=True, system_prompt="Be brief.")
+    policy = policy_over(base, max_new_tokens=200, long_prompts="cut_left")
+    room = policy.context_window()
+    assert room == 56
+    with pytest.warns(UserWarning, match="cut from the left"):
+        prompts = policy.encode([LONG_PROMPT * 2])
+    text = base.tokenizer.decode(prompts.ids[0][prompts.mask[0].bool()])
+    assert prompts.mask.sum() <= room
+    assert text.startswith("<|start|>system\nBe brief.<eot><|start|>user\n") and text.endswith("river and<eot><|start|>assistant\n")
+    with pytest.raises(ValueError, match=r"chat template and special tokens around a prompt alone take more than the 5 tokens"):
+        policy_over(base, max_new_tokens=251, long_prompts="cut_left").encode([LONG_PROMPT])
 
 
 def test_max_new_tokens_that_fill_the_window_are_refused_at_construction(short_gpt2):
@@ -336,6 +356,73 @@ def test_distillation_prompts_fit_the_students_window_too(tiny_llama, tmp_path):
     assert distill.teacher.context_window() == 24  # the student's 32, not the teacher's 256
     data = ConceptsDataModule(batch_size=2, train_size=8, val_size=2)
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"prompts? of the 'train' split \(train_size=8\) (is|are) longer than the 24 tokens"):
+    with pytest.raises(ValueError, match=r"prompts? of the 'train' split \(train_size=8\) (is|are) longer than the 24 tokens that fit in the context window \(base 256, student 32\)"):
         trainer.fit(distill, datamodule=data)
     assert distill.teacher.base.forward_count == 0
+
+
+# ---- what a user's settings and tokenizers bring (found by trying, issue 18) ----
+
+def test_a_pad_borrowed_from_eos_stays_a_real_token_when_stop_tokens_leave_eos_out(tmp_path):
+    """Pythia has no pad token: the library pads with EOS. With stop_tokens=["."] EOS is an ordinary token again, as in
+    HF generate(eos_token_id=[.]): the policy must not ban it because it pads."""
+    from tests.model_families import save_tiny_gpt_neox
+
+    path = save_tiny_gpt_neox(tmp_path / "neox", best_token="<|endoftext|>")
+    base = LocalBase(str(path), dtype="float32", stop_tokens=["."])
+    eos = base.tokenizer.eos_token_id
+    assert base.tokenizer.pad_token_id == eos and base.stop_ids == [base.tokenizer.convert_tokens_to_ids(".")]
+    policy = policy_over(base, alpha=0.0, max_new_tokens=4)
+    prompts = base.encode(["The dog runs"])
+    logprobs = policy.distribution(base(prompts.ids, prompts.mask, position_ids(prompts.mask))[0], None, 1)
+    assert not policy.never_sampled[eos] and logprobs[0, eos].exp() > 0.99  # the model's best token keeps its probability
+    rollout = policy.sample(prompts, torch.Generator().manual_seed(0))
+    assert (rollout.response_ids == eos).all() and rollout.response_mask.all()  # EOS sampled as a token; no stop
+
+
+def test_a_tokenizer_with_neither_eos_nor_pad_pads_with_its_stop_token(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.eos_token, tokenizer.pad_token = None, None
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.generation_config.eos_token_id = model.config.eos_token_id = model.generation_config.pad_token_id = model.config.pad_token_id = None
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no EOS token and the generation config no eos_token_id: set stop_tokens"):
+        LocalBase(str(tmp_path), dtype="float32")
+    base = LocalBase(str(tmp_path), dtype="float32", stop_tokens=["."])
+    assert base.tokenizer.pad_token == "."
+    rollout = policy_over(base, max_new_tokens=4).sample(base.encode(["The dog", "A child reads"]), torch.Generator().manual_seed(0))
+    assert rollout.response_ids.shape[0] == 2
+
+
+@pytest.mark.parametrize("template,found", [
+    ("{% for m in messages %}{{ m['content'] }}<eot>{% endfor %}", True),
+    ("{% for m in messages %}{{ m['content'] }} <eot>{% endfor %}", True),  # a space before the end of turn
+    ("{% for m in messages %}{{ m['content'] }}\n<eot>\n{% endfor %}", True),  # a newline before it
+    ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+     "{% for m in messages %}{{ m['content'] }}<eot>{% endfor %}", True),  # needs the system turn it is given
+    ("{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}", False),  # turns closed by plain text: none, and a warning
+])
+def test_the_end_of_turn_is_found_in_the_shapes_chat_templates_take(chat_llama, tmp_path, template, found):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama)
+    tokenizer.chat_template = template
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<eot>")
+    generation = GenerationConfig(eos_token_id=eos)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = stop_ids(tokenizer, generation, True, None, len(tokenizer), system_prompt="Be brief.")
+    assert ids == (sorted([eos, eot]) if found else [eos])
+    assert any("found no special token that ends the assistant's turn" in str(w.message) for w in caught) != found
+
+
+def test_stop_token_settings_are_read_as_users_mean_them(chat_llama, tiny_llama):
+    eot = LocalBase(chat_llama, dtype="float32").tokenizer.convert_tokens_to_ids("<eot>")
+    assert LocalBase(chat_llama, dtype="float32", stop_tokens="<eot>").stop_ids == [eot]  # one token, not its characters
+    with pytest.raises(ValueError, match=r"\['\\n'\] not in the tokenizer's vocabulary .*'\\n' encodes as \['Ċ'\] \(ids \[\d+\]\).*'Ċ'"):
+        LocalBase(chat_llama, dtype="float32", stop_tokens=["\n"])
+    with pytest.raises(ValueError, match=r"chat_template=true, but the tokenizer .* has no chat template.*chat_template=false"):
+        LocalBase(tiny_llama, dtype="float32", chat_template=True)
