@@ -302,6 +302,11 @@ class LocalBase(nn.Module):
         return self.lm.dtype
 
     @property
+    def full_support(self) -> bool:
+        """Whether every token of the vocabulary has a finite log-prob at every step (no ``top_k``)."""
+        return self.top_k is None
+
+    @property
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().out_features
 

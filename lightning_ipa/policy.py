@@ -294,9 +294,10 @@ class TailoredPolicy(nn.Module):
         scores = base_logprobs if adapter_logits is None else base_logprobs + self.alpha * adapter_logits.float()
         early = (torch.as_tensor(step, device=scores.device) < self.sampling.min_new_tokens)[..., None]  # [..., 1]
         banned = self.never_sampled | (self.stops & early)  # [..., V]
-        supported = base_logprobs > float("-inf")
-        empty = ~(supported & ~banned).any(-1, keepdim=True)  # [..., 1] rows the bans would leave with nothing
-        banned = torch.where(empty, self.never_sampled & (supported & ~self.never_sampled).any(-1, keepdim=True), banned)
+        if not self.base.full_support:  # a top-k support can lie inside the bans (a whole vocabulary cannot)
+            supported = base_logprobs > float("-inf")
+            empty = ~(supported & ~banned).any(-1, keepdim=True)  # [..., 1] rows the bans would leave with nothing
+            banned = torch.where(empty, self.never_sampled & (supported & ~self.never_sampled).any(-1, keepdim=True), banned)
         scores = scores.masked_fill(banned, float("-inf"))
         return (scores / self.sampling.temperature).log_softmax(-1)
 

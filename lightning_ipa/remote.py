@@ -195,6 +195,11 @@ class RemoteBase(nn.Module):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    @property
+    def full_support(self) -> bool:
+        """False: an API returns its top-k log-probs only."""
+        return False
+
     def train(self, mode: bool = True) -> "RemoteBase":
         return super().train(False)
 
