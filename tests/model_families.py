@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
     PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from tests.tokenizer_families import byte_level_bpe, corpus, sentencepiece_bpe, tiktoken_style
+from tests.tokenizer_families import byte_level_bpe, sentencepiece_bpe, tiktoken_style, train_byte_level
 
 CONTEXT = 64  # every tiny model's context window, in positions
 ENDOFTEXT = "<|endoftext|>"
@@ -171,12 +170,7 @@ def save_tiny_qwen2(path: Path, seed: int = 0, best_token: Optional[Token] = Non
 
 def pythia_tokenizer(vocab_size: int = 500) -> PreTrainedTokenizerFast:
     """Byte-level BPE as Pythia's: ``<|endoftext|>`` (id 0) is BOS, EOS and UNK; ``<|padding|>`` exists but no pad token is set."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(corpus(), trainer)
+    tokenizer = train_byte_level(["<|endoftext|>", "<|padding|>"], vocab_size)
     endoftext = "<|endoftext|>"
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=endoftext, eos_token=endoftext, unk_token=endoftext)
     assert wrapped.pad_token is None

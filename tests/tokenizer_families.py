@@ -41,14 +41,20 @@ def corpus(repeats: int = 3) -> list[str]:
     return CORPUS * repeats
 
 
-def byte_level_bpe(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """GPT-2 style byte-level BPE with ``<|endoftext|>`` (EOS) and ``<pad>``."""
+def train_byte_level(special_tokens: list[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2 style byte-level BPE model trained on ``corpus()``, its special tokens first (ids 0, 1, ...)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(corpus(), trainer)
+    return tokenizer
+
+
+def byte_level_bpe(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE with ``<|endoftext|>`` (EOS) and ``<pad>``."""
+    tokenizer = train_byte_level(["<|endoftext|>", "<pad>"], vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
