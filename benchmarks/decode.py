@@ -62,7 +62,7 @@ def main() -> None:
     policy = TailoredPolicy(base, adapter, 1.0, Sampling(max_new_tokens=n, min_new_tokens=n, top_p=args.top_p)).to(device)
     data = ConceptsDataModule(train_size=0, val_size=args.batch_size)
     data.setup()
-    prompts = base.encode([item["prompt"] for item in data.splits["val"]])
+    prompts = policy.encode([item["prompt"] for item in data.splits["val"]])  # within the context window
 
     def hf_generate():
         base.lm.generate(

@@ -59,13 +59,13 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in policies}
         with torch.inference_mode():
             for name, policy in policies.items():  # warm-up
-                policy.sample(policy.base.encode(prompts), torch.Generator().manual_seed(0))
+                policy.sample(policy.encode(prompts), torch.Generator().manual_seed(0))
             base_seconds[0], server.compute_seconds = 0.0, 0.0
             requests_before, generated = remote_base.requests, 0
             for repeat in range(args.repeats):
                 for name, policy in policies.items():
                     start = time.perf_counter()
-                    rollout = policy.sample(policy.base.encode(prompts), torch.Generator().manual_seed(repeat))
+                    rollout = policy.sample(policy.encode(prompts), torch.Generator().manual_seed(repeat))
                     times[name].append(time.perf_counter() - start)
                     if policy.base is remote_base:
                         generated += int(rollout.response_mask.sum())
