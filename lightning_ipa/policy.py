@@ -271,7 +271,7 @@ class TailoredPolicy(nn.Module):
         keep = len(ids) - (prompt_lengths(tokenizer, [prompt], chat, system)[0] - room)
         while keep > 0:  # decoding and re-encoding a cut can merge or split a token at its edge: check, and cut one more
             text = tokenizer.decode(ids[-keep:])
-            if not text.startswith("\ufffd") and prompt_lengths(tokenizer, [text], chat, system)[0] <= room:  # no half character
+            if prompt_lengths(tokenizer, [text], chat, system)[0] <= room:
                 return text
             keep -= 1
         raise ValueError(f"the chat template and special tokens around a prompt alone take more than the {room} tokens that fit "
