@@ -118,8 +118,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--add-sampled-token", action="store_true",
+                        help="sample the reply's token and add it to the top k when it is not among them, as vLLM does")
     args = parser.parse_args()
-    with CompletionsServer(args.model, args.host, args.port, args.dtype) as server:
+    with CompletionsServer(args.model, args.host, args.port, args.dtype, args.add_sampled_token) as server:
         print(f"Serving {args.model} at {server.url}/completions (Ctrl-C to stop)", flush=True)
         try:
             server.thread.join()
