@@ -273,11 +273,15 @@ def test_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_classifier, ti
 
 
 def save_tiny_llama_copy(source: str, layers: int):
-    """A saver of the tiny Llama (its tokenizer, its first ``layers`` layers) for the hub cache."""
+    """A saver of the tiny Llama (its tokenizer, its first ``layers`` layers) for the hub cache, with a chat template
+    (turns closed by its EOS) as the instruction-tuned models it stands in for have."""
 
     def save(path: Path) -> None:
         LlamaForCausalLM.from_pretrained(source, num_hidden_layers=layers).save_pretrained(path)
-        AutoTokenizer.from_pretrained(source).save_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>\n{% endfor %}"
+                                   "{% if add_generation_prompt %}assistant: {% endif %}")
+        tokenizer.save_pretrained(path)
 
     return save
 
