@@ -107,7 +107,7 @@ class IPAModule(LightningModule):
         return self.policy.base.tokenizer
 
     def decode(self, rollout: Rollout) -> list[str]:
-        """Response texts, before their stop token (for rewards and logs only; training uses the token ids)."""
+        """Response texts (``TailoredPolicy.decode``; for rewards and logs only: training uses the token ids)."""
         return self.policy.decode(rollout.response_ids, rollout.response_mask)
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:

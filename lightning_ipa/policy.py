@@ -35,7 +35,7 @@ class Sampling:
             ``TopPLogitsWarper``, applied after top-k).
         min_tokens_to_keep: Top-k and top-p never keep fewer tokens than this (transformers' ``min_tokens_to_keep``).
         long_prompts: A prompt with more tokens than fit in the context window with ``max_new_tokens`` after it (the
-            smallest window of base and adapter): 'refuse' (an error naming it; ``IPAModule`` checks every prompt of
+            smallest window of base, adapter and other readers: ``TailoredPolicy.context_window``): 'refuse' (an error naming it; ``IPAModule`` checks every prompt of
             the splits a run reads before any work) or 'cut_left' (the first tokens of its text are dropped; BOS and the
             chat template's turns stay; the first cut warns, and the counts are logged as ``train/prompts_cut`` per
             rollout and ``val/prompts_cut``/``test/prompts_cut`` per evaluation).
