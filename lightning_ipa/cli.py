@@ -12,10 +12,12 @@ and training state only, and one that does not fit the configured adapter and al
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +31,25 @@ from .distill import DistillModule
 from .module import IPAModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class QuietLightning(logging.Filter):
+    """Drops the lines of Lightning's log that a user of this CLI can do nothing with (an advertisement, the rollout
+    progress bar replacing Lightning's as it should) or that count in the wrong unit (``max_steps`` optimizer steps,
+    where ``fit`` ends with ``FitSummary``'s count of rollouts)."""
+
+    DROPPED = ("💡 Tip:", "`Trainer.fit` stopped: `max_steps=")
+    EXPECTED = "The following callbacks returned in `LightningModule.configure_callbacks` will override existing callbacks passed to Trainer: RichProgressBar"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(self.DROPPED) and message != self.EXPECTED  # IPAModule's RolloutProgressBar
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(QuietLightning())
+# Lightning 2.6 and torchdata 0.11 call torch APIs that torch 2.13 deprecates, at every fit: nothing a user can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 DEFAULT_CONFIG = CONF / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -79,6 +100,9 @@ class IPACLI(LightningCLI):
             refuse_occupied(config)
         if self.subcommand == "fit":
             self.save_config_kwargs["config_filename"] = config_name(config)
+            no_limit = config.trainer.get("max_steps") in (None, -1) and config.trainer.get("max_epochs") is None
+            if config.model.get("max_rollouts") is not None and no_limit:
+                config.trainer.max_epochs = -1  # max_rollouts ends the run (else Lightning caps it at 1000 epochs, warning)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's; an error a class raised while being built (e.g. ``no such folder: PATH`` from
@@ -208,7 +232,17 @@ def continue_run(config) -> None:
 
 
 def refuse_finished(config, checkpoint: dict[str, Any]) -> None:
-    """``fit`` from a checkpoint already at ``max_steps`` would stop at once: refuse, saying how to train on."""
+    """``fit`` from a checkpoint already at ``model.max_rollouts`` (or ``trainer.max_steps``) would stop at once: refuse,
+    saying how to train on."""
+    max_rollouts = config.model.get("max_rollouts")
+    if max_rollouts is not None and "fit_loop" in checkpoint.get("loops", {}):
+        done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+        if done >= max_rollouts:
+            raise SystemExit(
+                f"{config.ckpt_path} is at rollout {done}, and --model.max_rollouts is {max_rollouts}: nothing to train. "
+                f"Raise --model.max_rollouts to train on, or use validate/test/predict with this checkpoint"
+            )
+        return
     step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps", -1)
     if max_steps is not None and max_steps != -1 and step >= max_steps:
         raise SystemExit(
@@ -277,14 +311,15 @@ def config_differences(saved: dict[str, Any], given: dict[str, Any], prefix: str
     return [line.replace(".init_args.", ".") for line in lines]
 
 
-def with_default_config(args: list[str]) -> list[str]:
-    """Add ``--config conf/quickstart.yaml`` to a subcommand given no config of its own."""
+def default_config(args: list[str]) -> dict[str, Any]:
+    """Parser arguments that make ``conf/quickstart.yaml`` the defaults of a subcommand given no ``--config`` of its
+    own: jsonargparse's ``default_config_files``, so that ``--help`` shows the values the subcommand really uses."""
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
-    if args and args[0] in SUBCOMMANDS and not has_config and "--help" not in args and "-h" not in args:
-        if not DEFAULT_CONFIG.is_file():
-            raise SystemExit(f"no --config given and the default {DEFAULT_CONFIG} is missing")
-        return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
-    return args
+    if not args or args[0] not in SUBCOMMANDS or has_config:
+        return {}
+    if not DEFAULT_CONFIG.is_file():
+        raise SystemExit(f"no --config given and the default {DEFAULT_CONFIG} is missing")
+    return {args[0]: {"default_config_files": [str(DEFAULT_CONFIG)]}}
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
@@ -296,7 +331,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
     """
     given = list(sys.argv[1:] if args is None else args)
     distill = bool(given) and given[0] == "distill"
-    given = ["fit", *given[1:]] if distill else with_default_config(given)
+    given = ["fit", *given[1:]] if distill else given
     if args is None:
         sys.argv[1:] = given  # LightningCLI reads the command line itself
     else:
@@ -308,7 +343,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
             PromptDataModule,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", **({} if distill else default_config(given))},
             # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},
             auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import Tensor, nn
 
 from .adapters import Adapter, AdapterConfig
 from .algorithms import RLOO, Algorithm
 from .bases import LocalBase
+from .callbacks import FitSummary, RolloutProgressBar, completed_rollouts
 from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
 from .metrics import Samples
@@ -50,6 +52,7 @@ class IPAModule(LightningModule):
         missing_eos_penalty: Optional[float] = None,
         eval_seed: int = 1234,
         num_logged_samples: int = 8,
+        max_rollouts: Optional[int] = None,
     ):
         """
         Args:
@@ -75,9 +78,19 @@ class IPAModule(LightningModule):
                 ``max_new_tokens`` before EOS (None: off); favours finished answers over run-ons.
             eval_seed: Seed of validation/test/predict sampling, so every evaluation sees the same draws.
             num_logged_samples: Validation samples shown in TensorBoard's text table.
+            max_rollouts: How long ``fit`` trains, in rollouts (RL steps: a batch of prompts sampled, scored and learned
+                from), whatever the algorithm's epochs and minibatches; a resumed run counts the rollouts it has done.
+                None: ``trainer.max_steps`` (optimizer steps: rollouts × epochs × minibatches) or ``max_epochs`` decide.
+                Setting it and ``trainer.max_steps`` too is refused (``setup``).
+
+        Raises:
+            ValueError: ``rollout_top_p`` outside (0, 1], ``max_rollouts`` below 1, or a sampled ``kl_estimator`` with
+                filtered rollouts.
         """
         if rollout_top_p is not None and not 0 < rollout_top_p <= 1:
             raise ValueError(f"rollout_top_p must be in (0, 1] (or None for sampling.top_p), got {rollout_top_p}")
+        if max_rollouts is not None and max_rollouts < 1:
+            raise ValueError(f"max_rollouts must be ≥ 1 (or None: trainer.max_steps or max_epochs decide), got {max_rollouts}")
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -131,10 +144,10 @@ class IPAModule(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
             optimizer.step()
             losses.append(loss.stats)
+        # 5. Log what happened, then move the learning rates on (once per rollout).
+        self.log_training(rollout, scores, losses)
         if (scheduler := self.lr_schedulers()) is not None:
             scheduler.step()
-        # 5. Log what happened.
-        self.log_training(rollout, scores, losses)
 
     def score(self, batch: PromptBatch, responses: list[str]) -> dict[str, Tensor]:
         """Scores [B] (float32, on this module's device) by name; a reward output that breaks the contract
@@ -184,6 +197,9 @@ class IPAModule(LightningModule):
         if self.policy.sampling.long_prompts == "cut_left":
             logs["train/prompts_cut"] = torch.tensor(float(self.policy.last_cut), device=self.device)  # of this rollout's prompts
         logs.update({f"loss/{key}": torch.stack([stats[key] for stats in losses]).mean() for key in losses[0]})
+        body, head = self.optimizers().optimizer.param_groups  # configure_optimizers' two groups
+        logs["train/lr"], logs["train/head_lr"] = torch.tensor(body["lr"]), torch.tensor(head["lr"])
+        logs["step"] = torch.tensor(float(completed_rollouts(self.trainer) + 1))  # TensorBoard's step: this rollout's number
         shown = {"train/reward", "train/kl"}
         self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)
         self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=n)
@@ -241,6 +257,10 @@ class IPAModule(LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:  # at the step of the rollout it follows
+            self.log("step", float(completed_rollouts(self.trainer)), sync_dist=True)
+
     def on_test_epoch_start(self) -> None:
         self.generations = []
 
@@ -257,20 +277,37 @@ class IPAModule(LightningModule):
 
     # ---- optimisation and checkpoints ----
 
+    def configure_callbacks(self) -> list[Callback]:
+        """``FitSummary``, and ``RolloutProgressBar`` in place of Lightning's default bar (a bar you configure stays)."""
+        callbacks: list[Callback] = []
+        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default (rich is a dependency)
+            callbacks.append(RolloutProgressBar(self.updates_per_rollout()))
+        return [*callbacks, FitSummary()]  # the bar's teardown first: the summary prints below it
+
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps per rollout (``Algorithm.updates_per_rollout`` of the data's batch size; 1 without a ``PromptDataModule``)."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        return self.algorithm.updates_per_rollout(data.batch_size) if isinstance(data, PromptDataModule) else 1
+
     def setup(self, stage: str) -> None:
         """Refuse, before any work, inputs that would waste it: splits the stage reads that are empty or missing
         (``PromptDataModule.check_splits``; for ``fit`` the validation split too, whose loader Lightning builds only at
         the first validation), prompts too long for the context window (with ``sampling.long_prompts='refuse'``) and,
-        for ``fit``, an update schedule that does not count whole rollouts.
+        for ``fit``, an update schedule that does not count whole rollouts. Sets the training length from
+        ``max_rollouts``.
 
         Raises:
             ValueError: an empty split or fewer training prompts than a batch per process; prompts longer than
                 ``TailoredPolicy.context_window`` (each named: index in its split, tokens); a ``minibatch_size`` that does
                 not divide the samples of a rollout (``Algorithm.updates_per_rollout``); a ``trainer.max_steps`` that is
-                not a whole number of rollouts (optimizer steps per rollout = epochs × minibatches), with the nearest valid values.
+                not a whole number of rollouts (optimizer steps per rollout = epochs × minibatches), with the nearest valid
+                values; ``max_rollouts`` and ``trainer.max_steps`` both set, or ``max_rollouts`` without a ``PromptDataModule``.
         """
         data = self.trainer.datamodule
         if not isinstance(data, PromptDataModule):
+            if stage == "fit" and self.hparams.max_rollouts is not None:
+                raise ValueError("max_rollouts counts rollouts through the data module's batch_size: use a PromptDataModule, "
+                                 "or trainer.max_steps (optimizer steps) with max_rollouts=None")
             return  # dataloaders given directly: nothing to check against
         data.check_splits(stage)
         refuse_long_prompts(self.policy, data, stage)
@@ -278,6 +315,14 @@ class IPAModule(LightningModule):
             return
         steps = self.algorithm.updates_per_rollout(data.batch_size)
         max_steps = self.trainer.max_steps
+        if self.hparams.max_rollouts is not None and not self.trainer.fast_dev_run:  # fast_dev_run=n: n rollouts
+            if max_steps not in (-1, self.hparams.max_rollouts * steps):
+                raise ValueError(
+                    f"model.max_rollouts={self.hparams.max_rollouts} and trainer.max_steps={max_steps} both set how long fit "
+                    f"trains: keep one (max_rollouts counts rollouts; max_steps counts optimizer steps, {steps} per rollout here): "
+                    f"--trainer.max_steps=-1, or --model.max_rollouts=null"
+                )
+            self.trainer.fit_loop.epoch_loop.max_steps = max_steps = self.hparams.max_rollouts * steps  # Lightning stops on optimizer steps
         if max_steps > 0 and max_steps % steps and not self.trainer.fast_dev_run:  # fast_dev_run=n: n rollouts
             below = max_steps // steps * steps
             nearest = " or ".join(str(n) for n in (below, below + steps) if n > 0)

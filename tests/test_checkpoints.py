@@ -146,8 +146,8 @@ def test_ckpt_path_last_never_picks_another_run(tiny_llama, tmp_path):
     resumed = fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last", "--trainer.logger.init_args.version=0")  # named: resumed
     assert resumed.trainer.global_step == 4 and resumed.trainer.logger.version == 0
     assert (finished / "config.yaml").read_bytes() == config  # the run's own configuration is kept ...
-    assert "max_steps: 4" in (finished / "config.resume1.yaml").read_text()  # ... and the resume's is beside it
-    with pytest.raises(SystemExit, match="at step 4, and --trainer.max_steps is 4: nothing to train"):
+    assert "max_rollouts: 4" in (finished / "config.resume1.yaml").read_text()  # ... and the resume's is beside it
+    with pytest.raises(SystemExit, match="at rollout 4, and --model.max_rollouts is 4: nothing to train"):
         fit(tiny_llama, tmp_path, 4, "--ckpt_path", "last", "--trainer.logger.init_args.version=0")
 
 
@@ -273,7 +273,7 @@ def test_without_a_logger_last_is_the_default_root_dirs(tiny_llama, tmp_path):
     fit(tiny_llama, tmp_path, 2, *alone)
     with pytest.raises(SystemExit, match="already holds a run"):
         fit(tiny_llama, tmp_path, 2, *alone)
-    with pytest.raises(SystemExit, match="at step 2, and --trainer.max_steps is 2: nothing to train"):
+    with pytest.raises(SystemExit, match="at rollout 2, and --model.max_rollouts is 2: nothing to train"):
         fit(tiny_llama, tmp_path, 2, *alone, "--ckpt_path", "last")
     assert fit(tiny_llama, tmp_path, 4, *alone, "--ckpt_path", "last").trainer.global_step == 4
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "config.resume1.yaml").is_file()

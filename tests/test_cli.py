@@ -22,7 +22,7 @@ def tiny_args(model: str, save_dir: Path, steps: int = 2, *extra: str) -> list[s
         "--model.base.chat_template=false",
         "--model.sampling.max_new_tokens=6",
         "--trainer.accelerator=cpu",
-        f"--trainer.max_steps={steps}",
+        f"--model.max_rollouts={steps}",
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={save_dir}",
@@ -30,7 +30,7 @@ def tiny_args(model: str, save_dir: Path, steps: int = 2, *extra: str) -> list[s
         "--data.init_args.val_size=6",
         "--data.init_args.batch_size=2",
         "--data.init_args.eval_batch_size=4",
-        "--model.algorithm.init_args.epochs=1",  # one optimizer step per rollout: steps count rollouts here
+        "--model.algorithm.init_args.epochs=1",  # one optimizer step per rollout: global_step counts rollouts here
         "--model.algorithm.init_args.minibatch_size=null",
         *extra,
     ]
@@ -57,7 +57,7 @@ def test_fit_logs_checkpoints_and_predicts(tiny_llama, tmp_path):
     main(["fit", *tiny_args(tiny_llama, tmp_path)])  # no --config: conf/quickstart.yaml
     run = tmp_path / "quickstart" / "version_0"
     logged = scalars(run)
-    for tag in ["train/reward", "train/kl", "loss/policy", "lr-AdamW/pg1", "train/coverage"]:
+    for tag in ["train/reward", "train/kl", "loss/policy", "train/lr", "train/head_lr", "train/coverage"]:
         assert tag in logged, tag
     assert logged["train/kl"][0] == 0.0 and min(logged["train/kl"]) >= 0  # exact KL: 0 at the zero-initialised start
     for metric in ["reward", "coverage", "distinct_2", "corpus_distinct_2"]:
@@ -109,8 +109,8 @@ def test_lr_scheduler_anneals_both_learning_rates_and_resumes(tiny_llama, tmp_pa
     logged = scalars(tmp_path / "quickstart" / "version_0")
     lr, head_lr = 1e-4, 2e-4  # conf/quickstart.yaml
     cosine_factors = [1.0, 0.8535534, 0.5, 0.1464466]  # (1 + cos(π·t/4)) / 2 before each of the 4 steps
-    assert logged["lr-AdamW/pg1"] == pytest.approx([lr * f for f in cosine_factors])
-    assert logged["lr-AdamW/pg2"] == pytest.approx([head_lr * f for f in cosine_factors])
+    assert logged["train/lr"] == pytest.approx([lr * f for f in cosine_factors])
+    assert logged["train/head_lr"] == pytest.approx([head_lr * f for f in cosine_factors])
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
 
 
@@ -152,7 +152,7 @@ def with_algorithm(name: str) -> list[str]:
 
 def test_ppo_runs_the_quickstart_config(tiny_llama, tmp_path):
     updates = ["--model.algorithm.init_args.epochs=2", "--model.algorithm.init_args.minibatch_size=4"]
-    cli = main(["fit", *with_algorithm("ppo"), *tiny_args(tiny_llama, tmp_path, 4, *updates)])
+    cli = main(["fit", *with_algorithm("ppo"), *tiny_args(tiny_llama, tmp_path, 1, *updates)])  # one rollout
     assert type(cli.model.algorithm).__name__ == "PPO"
     assert cli.trainer.global_step == 4  # optimizer steps: 2 epochs × 2 minibatches of 4 samples (2 prompts × 4)
     assert "loss/value" in scalars(tmp_path / "quickstart" / "version_0")
@@ -163,7 +163,7 @@ def test_quark_runs_the_quickstart_config_and_resumes_its_pool(tiny_llama, tmp_p
     first = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings)])
     saved = first.model.algorithm
     assert len(saved.pool) == 16 and saved.kl_coef != 0.05  # 2 rollouts of 2 prompts × 4 samples; the KL coefficient adapted
-    with pytest.raises(SystemExit, match="at step 2, and --trainer.max_steps is 2: nothing to train"):  # a finished run is not resumed
+    with pytest.raises(SystemExit, match="at rollout 2, and --model.max_rollouts is 2: nothing to train"):  # a finished run is not resumed
         main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"])
     # the checkpoint restores the pool and the KL coefficient; then training goes on from it
     restored = main(["validate", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"]).model.algorithm

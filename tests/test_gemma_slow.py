@@ -73,7 +73,7 @@ def test_toxicity_offline_fits_and_tests_on_gemma(gemma_gguf, gemma, tmp_path):
         "--config", str(CONF / "toxicity_offline.yaml"),
         f"--model.base.name_or_path={gemma_gguf}",  # the .gguf path itself: resolved to the cached conversion
         "--trainer.accelerator=cpu",
-        "--trainer.max_steps=2",  # two rollouts, one optimizer step each
+        "--model.max_rollouts=2",
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",

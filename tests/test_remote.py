@@ -270,7 +270,7 @@ def test_distill_then_fit_against_the_proxy_then_test_on_the_api(server, tiny_ll
     distilled = server.requests
 
     ipa = ["--config", str(CONF / "blackbox" / "ipa.yaml"), *quick, "--data.init_args.val_size=4", "--model.sampling.max_new_tokens=5",
-           "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.algorithm.init_args.epochs=1",
+           "--model.max_rollouts=2", "--trainer.val_check_interval=2", "--model.algorithm.init_args.epochs=1",
            "--model.algorithm.init_args.minibatch_size=null", "--model.base.chat_template=false", "--model.base.top_k=8",
            f"--model.base.name_or_path={proxy}", f"--model.adapter.name_or_path={proxy}"]
     main(["fit", *ipa])
