@@ -113,7 +113,7 @@ def plot_curves(scalars: pd.DataFrame, metrics: Sequence[str], stage: str = "val
             if evaluation and len(base):
                 ax.axhline(base.value.iloc[-1], color=color, linestyle="--", linewidth=1, label=f"{run} (base)")
         ax.set_title(tag if not evaluation else f"{stage}/{panel}")
-        ax.set_xlabel("step")
+        ax.set_xlabel("rollouts")  # the step of every series of a fit (callbacks.logging_step)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()

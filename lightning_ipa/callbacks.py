@@ -22,9 +22,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 def completed_rollouts(trainer: Trainer) -> int:
-    """Rollouts (training batches: one RL step each) completed so far in the run, resumed runs included. Inside a
-    rollout's ``training_step`` it does not count that rollout yet; in the validation after rollout r it is r."""
-    return trainer.fit_loop.epoch_loop.batch_progress.total.completed
+    """Rollouts (training batches: one RL step each) done so far in the run, resumed runs included: a rollout counts
+    once its ``training_step`` has returned, so inside it the count is r − 1, and from its ``on_train_batch_end`` on
+    (validation after it, a checkpoint saved then, the resumed run) r. This is Lightning's ``processed`` count (its
+    ``completed`` lags by one in ``on_train_batch_end`` and in checkpoints saved there, until a restart adds it)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
 def logging_step(trainer: Trainer) -> int:
@@ -108,7 +110,7 @@ class RolloutCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._in_rollout = False
         self._rollouts_here += 1
-        done = completed_rollouts(trainer) + 1  # this rollout is counted as completed after the hook
+        done = completed_rollouts(trainer)
         if self.every_n_rollouts and done % self.every_n_rollouts == 0 and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -149,31 +151,24 @@ class RolloutCheckpoint(ModelCheckpoint):
 class RolloutProgressBar(RichProgressBar):
     """Lightning's (rich) progress bar, counting rollouts: one bar for the whole of ``fit`` (not one per pass over the
     prompts), from the rollouts a resumed run has done to ``planned_rollouts``, so that its speed and time remaining
-    are in rollouts. ``IPAModule.configure_callbacks`` puts it in place of Lightning's default bar (not of a bar you
-    configure yourself)."""
+    are in rollouts. ``IPAModule.configure_callbacks`` puts it in place of a ``RichProgressBar`` (Lightning's default,
+    or yours, whose settings it keeps). Takes ``RichProgressBar``'s arguments."""
 
-    def __init__(self, updates_per_rollout: int = 1, **kwargs: Any):
-        """
-        Args:
-            updates_per_rollout: Optimizer steps per rollout (``Algorithm.updates_per_rollout``), to count
-                ``trainer.max_steps`` in rollouts.
-            kwargs: ``RichProgressBar``'s (``refresh_rate``, ``leave``, ``theme``, ``console_kwargs``).
-        """
-        super().__init__(**kwargs)
-        self.updates_per_rollout = updates_per_rollout
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """One task for all passes over the prompts (Lightning's restarts at each), begun where a resumed run is."""
-        if self.is_disabled or self.progress is None or self.train_progress_bar_id is not None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.is_disabled or self.progress is None:
             return
-        total = planned_rollouts(trainer, self.updates_per_rollout)
-        self.train_progress_bar_id = self.progress.add_task(f"{'Rollouts':<{len(self.validation_description)}}", total=total,
-                                                            completed=completed_rollouts(trainer))  # no jump in the speed
+        updates = pl_module.updates_per_rollout() if hasattr(pl_module, "updates_per_rollout") else 1
+        self.train_progress_bar_id = self.progress.add_task(  # begun where a resumed run is: no jump in the speed
+            f"{'Rollouts':<{len(self.validation_description)}}", total=planned_rollouts(trainer, updates), completed=completed_rollouts(trainer)
+        )
         self.refresh()
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Nothing: the bar goes on across passes over the prompts (Lightning's restarts at each)."""
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-pass has not had one
-        self._update(self.train_progress_bar_id, completed_rollouts(trainer) + 1)  # this one counts as completed after the hook
+        self._update(self.train_progress_bar_id, completed_rollouts(trainer))
         self._update_metrics(trainer, pl_module)
         self.refresh()
 

@@ -12,6 +12,7 @@ and training state only, and one that does not fit the configured adapter and al
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import signal
@@ -236,7 +237,7 @@ def refuse_finished(config, checkpoint: dict[str, Any]) -> None:
     saying how to train on."""
     max_rollouts = config.model.get("max_rollouts")
     if max_rollouts is not None and "fit_loop" in checkpoint.get("loops", {}):
-        done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+        done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]  # callbacks.completed_rollouts
         if done >= max_rollouts:
             raise SystemExit(
                 f"{config.ckpt_path} is at rollout {done}, and --model.max_rollouts is {max_rollouts}: nothing to train. "
@@ -319,7 +320,7 @@ def default_config(args: list[str]) -> dict[str, Any]:
         return {}
     if not DEFAULT_CONFIG.is_file():
         raise SystemExit(f"no --config given and the default {DEFAULT_CONFIG} is missing")
-    return {args[0]: {"default_config_files": [str(DEFAULT_CONFIG)]}}
+    return {args[0]: {"default_config_files": [glob.escape(str(DEFAULT_CONFIG))]}}  # jsonargparse globs them
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:

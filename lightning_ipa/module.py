@@ -81,7 +81,8 @@ class IPAModule(LightningModule):
             max_rollouts: How long ``fit`` trains, in rollouts (RL steps: a batch of prompts sampled, scored and learned
                 from), whatever the algorithm's epochs and minibatches; a resumed run counts the rollouts it has done.
                 None: ``trainer.max_steps`` (optimizer steps: rollouts × epochs × minibatches) or ``max_epochs`` decide.
-                Setting it and ``trainer.max_steps`` too is refused (``setup``).
+                Setting it and ``trainer.max_steps`` too is refused (``setup``). ``max_epochs`` still applies: the CLI
+                sets it to -1 (no limit) when neither is given; with a ``Trainer`` of your own, pass ``max_epochs=-1``.
 
         Raises:
             ValueError: ``rollout_top_p`` outside (0, 1], ``max_rollouts`` below 1, or a sampled ``kl_estimator`` with
@@ -278,10 +279,12 @@ class IPAModule(LightningModule):
     # ---- optimisation and checkpoints ----
 
     def configure_callbacks(self) -> list[Callback]:
-        """``FitSummary``, and ``RolloutProgressBar`` in place of Lightning's default bar (a bar you configure stays)."""
+        """``FitSummary``, and a ``RolloutProgressBar`` in place of a plain ``RichProgressBar`` (Lightning's default, or
+        one configured, whose settings it keeps); another kind of bar stays as it is."""
         callbacks: list[Callback] = []
-        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default (rich is a dependency)
-            callbacks.append(RolloutProgressBar(self.updates_per_rollout()))
+        bar = self.trainer.progress_bar_callback
+        if type(bar) is RichProgressBar:  # Lightning's default (rich is a dependency), or one configured: same settings
+            callbacks.append(RolloutProgressBar(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs))
         return [*callbacks, FitSummary()]  # the bar's teardown first: the summary prints below it
 
     def updates_per_rollout(self) -> int:
@@ -315,7 +318,7 @@ class IPAModule(LightningModule):
             return
         steps = self.algorithm.updates_per_rollout(data.batch_size)
         max_steps = self.trainer.max_steps
-        if self.hparams.max_rollouts is not None and not self.trainer.fast_dev_run:  # fast_dev_run=n: n rollouts
+        if self.hparams.max_rollouts is not None and not self.trainer.fast_dev_run:  # fast_dev_run=n: n optimizer steps
             if max_steps not in (-1, self.hparams.max_rollouts * steps):
                 raise ValueError(
                     f"model.max_rollouts={self.hparams.max_rollouts} and trainer.max_steps={max_steps} both set how long fit "

@@ -222,7 +222,7 @@ def test_a_resume_says_which_settings_are_used_and_which_continue(tiny_llama, tm
     out = capsys.readouterr().out
     used, _, continued = out.partition("training state, continued from the checkpoint")
     assert "model.sampling.top_p: 0.5 (checkpoint: 0.9)" in used and "data.val_size: 4 (checkpoint: 6)" in used
-    assert "model.lr: 0.01 (checkpoint: 0.0001)" in continued
+    assert "model.lr: 0.01 (checkpoint: 0.0002)" in continued  # conf/quickstart.yaml's lr
 
 
 def test_a_changed_order_of_prompts_starts_a_new_pass_and_says_so():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ipa.cli import DEFAULT_CONFIG, main
@@ -107,7 +108,8 @@ def test_lr_scheduler_anneals_both_learning_rates_and_resumes(tiny_llama, tmp_pa
     main(["fit", *tiny_args(tiny_llama, tmp_path, 2, *cosine)])
     resumed = main(["fit", *tiny_args(tiny_llama, tmp_path, 4, *cosine), "--ckpt_path", "last"])
     logged = scalars(tmp_path / "quickstart" / "version_0")
-    lr, head_lr = 1e-4, 2e-4  # conf/quickstart.yaml
+    quickstart = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    lr, head_lr = quickstart["model"]["lr"], quickstart["model"]["head_lr"]
     cosine_factors = [1.0, 0.8535534, 0.5, 0.1464466]  # (1 + cos(π·t/4)) / 2 before each of the 4 steps
     assert logged["train/lr"] == pytest.approx([lr * f for f in cosine_factors])
     assert logged["train/head_lr"] == pytest.approx([head_lr * f for f in cosine_factors])

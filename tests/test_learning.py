@@ -56,7 +56,7 @@ class Case:
     first_rollout: list[dict[str, float]]  # the loss and its logged terms in each of the first rollout's 4 updates (pinned)
 
 
-# All three use the configs' rollouts and updates (conf/quickstart.yaml, conf/algorithms/*.yaml: 8 prompts × 4 samples,
+# All three use the configs' rollout and update shapes (conf/quickstart.yaml, conf/algorithms/*.yaml: 8 prompts × 4 samples,
 # 2 epochs × minibatches of 16), 6 new tokens, and learning rates for a 1-layer adapter (1e-2 for its layer, 5e-2 for its
 # fresh head, Quark's control codes and PPO's value head). Held-out reward at seed 0: 0.030 before, after RLOO 1.000,
 # PPO 1.000, Quark 0.626. The margins hold with room to spare for seeds 0-11 (lowest after training: RLOO 0.999, PPO 0.827,
@@ -69,7 +69,8 @@ class Case:
 # deliberate change of the maths (the sampler, the reward's scores, advantages, a loss term, the update, the minibatch
 # order) or of the tiny base's weights: then rerun, check why each value moved, and pin the new ones.
 CASES = {
-    # The quickstart's RLOO: leave-one-out baseline, no KL penalty.
+    # The quickstart's RLOO (leave-one-out baseline) without its adaptive KL penalty: the update alone learns here
+    # (the penalty and its direct gradient are tested in test_algorithms.py).
     "rloo": Case(
         lambda: RLOO(samples_per_prompt=4, epochs=2, minibatch_size=16, kl_coef=0.0),
         rollouts=20, min_rise=0.6,

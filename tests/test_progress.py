@@ -113,3 +113,12 @@ def test_a_plain_run_prints_no_warning_a_user_cannot_act_on(tiny_llama, tmp_path
     for unwanted in ("Warning", "warn(", "deprecated", "Tip:", "max_steps="):
         assert unwanted not in output, output[max(0, output.index(unwanted) - 1500):][:3000]
     assert "Run: " in done.stdout and "Held-out, after rollout 2:" in done.stdout
+
+
+def test_a_run_that_ended_on_a_checkpoint_between_validations_is_refused_at_its_real_count(tiny_llama, tmp_path):
+    # the last rollout (3) is saved by every_n_rollouts in on_train_batch_end, where Lightning's `completed` still lags by one
+    every_3 = ["--trainer.callbacks.every_n_rollouts=3"]
+    cli = main(["fit", *tiny_args(tiny_llama, tmp_path, 3, *every_3)])  # validation after rollout 2 only
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.processed == 3
+    with pytest.raises(SystemExit, match="at rollout 3, and --model.max_rollouts is 3: nothing to train"):
+        main(["fit", *tiny_args(tiny_llama, tmp_path, 3, *every_3), "--ckpt_path", "last"])
