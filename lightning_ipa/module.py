@@ -316,7 +316,7 @@ class IPAModule(LightningModule):
         refuse_long_prompts(self.policy, data, stage)
         if stage != "fit":
             return
-        steps = self.algorithm.updates_per_rollout(data.batch_size)
+        steps = self.updates_per_rollout()
         max_steps = self.trainer.max_steps
         if self.hparams.max_rollouts is not None and not self.trainer.fast_dev_run:  # fast_dev_run=n: n optimizer steps
             if max_steps not in (-1, self.hparams.max_rollouts * steps):
@@ -326,7 +326,7 @@ class IPAModule(LightningModule):
                     f"--trainer.max_steps=-1, or --model.max_rollouts=null"
                 )
             self.trainer.fit_loop.epoch_loop.max_steps = max_steps = self.hparams.max_rollouts * steps  # Lightning stops on optimizer steps
-        if max_steps > 0 and max_steps % steps and not self.trainer.fast_dev_run:  # fast_dev_run=n: n rollouts
+        if max_steps > 0 and max_steps % steps and not self.trainer.fast_dev_run:  # fast_dev_run=n: n optimizer steps
             below = max_steps // steps * steps
             nearest = " or ".join(str(n) for n in (below, below + steps) if n > 0)
             minibatches = steps // self.algorithm.epochs
