@@ -72,7 +72,7 @@ def main() -> None:
 
     contenders = {
         "HF generate, base alone": hf_generate,
-        "lightning_ipa, base alone": lambda: policy.sample(prompts, use_adapter=False),
+        "lightning_ipa, base alone": lambda: policy.generate(prompts, use_adapter=False),
         "lightning_ipa, base + adapter": lambda: policy.sample(prompts),
     }
     with torch.inference_mode():

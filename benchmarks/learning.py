@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_ipa.callbacks import write_text_atomic
+from lightning_ipa.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("ppo", "quark", "rloo")  # rloo: conf/quickstart.yaml as it is

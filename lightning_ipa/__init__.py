@@ -1,5 +1,11 @@
 """lightning_ipa: Inference-time Policy Adapters as a PyTorch Lightning framework."""
 
+from .quiet import ignore_known_warnings
+
+ignore_known_warnings()
+
+# isort: split
+
 from .adapters import Adapter, AdapterConfig
 from .algorithms import PPO, RLOO, Algorithm, Quark
 from .bases import LocalBase

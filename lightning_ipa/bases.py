@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
@@ -15,6 +13,8 @@ import transformers
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
+from .frozen import Frozen
+from .io import write_dir_atomic
 from .types import Prompts, position_ids
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -68,21 +68,17 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """De-quantise a GGUF checkpoint into a safetensors folder (written atomically)."""
+    """De-quantise a GGUF checkpoint into a safetensors folder, written atomically (``write_dir_atomic``); a conversion
+    that another process finished first is kept."""
     print(f"Converting {gguf.name} to safetensors in {target} (once) ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None  # the tensors are de-quantised already; this only blocks saving
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        write_dir_atomic(target, model.save_pretrained, tokenizer.save_pretrained, replace=False)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
             raise
 
@@ -257,10 +253,10 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-class LocalBase(nn.Module):
+class LocalBase(Frozen):
     """A frozen Hugging Face causal LM: the base policy p_θ.
 
-    It never trains: parameters have ``requires_grad=False``, it stays in eval mode, the
+    It never trains: parameters have ``requires_grad=False``, it stays in eval mode (``Frozen``), the
     optimizer never sees it and checkpoints leave it out.
     """
 
@@ -309,9 +305,6 @@ class LocalBase(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().out_features
-
-    def train(self, mode: bool = True) -> "LocalBase":
-        return super().train(False)  # frozen: dropout stays off
 
     def encode(self, prompts: list[str]) -> Prompts:
         """Tokenise prompt texts into a left-padded batch on the model's device."""

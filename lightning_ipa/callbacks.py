@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +17,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, R
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
+
+from .evaluation import POLICIES
+from .io import write_text_atomic
 
 
 def completed_rollouts(trainer: Trainer) -> int:
@@ -44,6 +45,18 @@ def planned_rollouts(trainer: Trainer, updates_per_rollout: int) -> float:
     if trainer.max_epochs not in (None, -1):
         limits.append(trainer.max_epochs * trainer.num_training_batches)
     return min(limits)
+
+
+def results_table(trainer: Trainer, stage: str) -> dict[str, dict[str, float]]:
+    """The ``stage``'s evaluation metrics logged so far, as {metric: {policy: value}}: from ``trainer.callback_metrics``
+    keys ``<stage>/<metric>/<policy>`` (``Evaluation.evaluate``), policy 'base' or 'tailored'."""
+    table: dict[str, dict[str, float]] = {}
+    for key, value in trainer.callback_metrics.items():
+        head, _, rest = key.partition("/")
+        metric, _, policy = rest.rpartition("/")
+        if head == stage and metric and policy in POLICIES:
+            table.setdefault(metric, {})[policy] = float(value)
+    return table
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -190,12 +203,7 @@ class FitSummary(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self.rollout = completed_rollouts(trainer)
-        self.table = {}
-        for key, value in trainer.callback_metrics.items():
-            stage, _, rest = key.partition("/")
-            metric, _, policy = rest.rpartition("/")
-            if stage == "val" and metric and policy in ("base", "tailored"):
-                self.table.setdefault(metric, {})[policy] = float(value)
+        self.table = results_table(trainer, "val")
 
     def summary(self, trainer: Trainer) -> str:
         """The text printed at the end: run folder, held-out table, and the commands that look at, test and resume the run."""
@@ -264,24 +272,8 @@ class SampleTable(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and pl_module.samples:
-                logger.experiment.add_text(self.tag, markdown_table(pl_module.samples), logging_step(trainer))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's are private: 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+            if isinstance(logger, TensorBoardLogger) and pl_module.evaluation.samples:
+                logger.experiment.add_text(self.tag, markdown_table(pl_module.evaluation.samples), logging_step(trainer))
 
 
 def finite_or_null(value: Any) -> Any:
@@ -337,23 +329,18 @@ class TestResults(Callback):
     @staticmethod
     def conventions(pl_module: LightningModule) -> dict[str, str]:
         """Each test metric's one-line convention by name (the tailored policy's metrics; the base's are the same kind)."""
-        metrics = getattr(pl_module, "metrics", {})
-        tested = metrics["test_tailored"] if "test_tailored" in metrics else {}
+        tested = pl_module.evaluation.stage_metrics["test_tailored"]
         return {name: str(getattr(metric, "convention", "")) for name, metric in tested.items()}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         generations = per_rank(folder / "generations.jsonl", trainer)
-        write_jsonl(generations, pl_module.generations)
-        prompts = int(trainer.strategy.reduce(torch.tensor(float(len(pl_module.generations)), device=pl_module.device), reduce_op="sum").item())
+        written = pl_module.evaluation.generations
+        write_jsonl(generations, written)
+        prompts = int(trainer.strategy.reduce(torch.tensor(float(len(written)), device=pl_module.device), reduce_op="sum").item())
         if not trainer.is_global_zero:
             return
-        table: dict[str, dict[str, float]] = {}
-        for key, value in trainer.callback_metrics.items():
-            stage, _, rest = key.partition("/")
-            metric, _, policy = rest.rpartition("/")
-            if stage == "test" and metric:
-                table.setdefault(metric, {})[policy] = float(value)  # NaN where undefined: null in results.json
+        table = results_table(trainer, "test")  # NaN where undefined: null in results.json
         conventions = self.conventions(pl_module)
         results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
                    "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table,

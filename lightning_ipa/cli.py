@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,9 +47,6 @@ class QuietLightning(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(QuietLightning())
-# Lightning 2.6 and torchdata 0.11 call torch APIs that torch 2.13 deprecates, at every fit: nothing a user can change.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 DEFAULT_CONFIG = CONF / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

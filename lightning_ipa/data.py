@@ -6,7 +6,6 @@ import codecs
 import json
 import os
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -15,9 +14,6 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-
-# torchdata 0.11 (its newest release) still calls torch.set_vital, deprecated since; harmless
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 PromptBatch = dict[str, list]  # {"prompt": [B] texts, "meta": [B] dicts for the reward}
 

@@ -7,8 +7,6 @@ fine-tunes the proxy on the teacher's own samples and saves it as a Hugging Face
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
 from .data import PromptBatch, PromptDataModule
+from .io import write_dir_atomic
 from .module import refuse_long_prompts
 from .policy import Sampling, TailoredPolicy
 from .remote import RemoteBase
@@ -63,14 +62,14 @@ class DistillModule(LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         # 1. The teacher answers each prompt (the base alone, as the API serves it).
         k = self.hparams.samples_per_prompt
-        rollout = self.teacher.sample(self.teacher.encode(batch["prompt"]), use_adapter=False, samples_per_prompt=k, for_training=False)
+        responses = self.teacher.generate(self.teacher.encode(batch["prompt"]), samples_per_prompt=k, use_adapter=False)
         # 2. The student learns the teacher's responses: NLL of the response tokens given the prompt.
-        ids, mask = sequence(rollout)
-        prompt_length = rollout.prompt_ids.shape[1]
+        ids, mask = sequence(responses)
+        prompt_length = responses.prompt_ids.shape[1]
         logits = self.student(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logprobs = logits[:, prompt_length - 1 : -1].float().log_softmax(-1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
-        loss = -masked_mean(logprobs, rollout.response_mask)
-        self.log_dict({"distill/nll": loss, "distill/response_length": rollout.response_mask.sum(-1).float().mean()},
+        logprobs = logits[:, prompt_length - 1 : -1].float().log_softmax(-1).gather(-1, responses.response_ids[..., None]).squeeze(-1)
+        loss = -masked_mean(logprobs, responses.response_mask)
+        self.log_dict({"distill/nll": loss, "distill/response_length": responses.response_mask.sum(-1).float().mean()},
                       prog_bar=True, batch_size=len(ids))
         return loss
 
@@ -90,16 +89,8 @@ class DistillModule(LightningModule):
         self.save_student()
 
     def save_student(self) -> None:
-        """Write the proxy to ``output_dir`` atomically (rank 0): a reader never sees half a model."""
+        """Write the proxy to ``output_dir`` atomically (rank 0), replacing the last one: a reader never sees half a model
+        (``write_dir_atomic``)."""
         if self.trainer.global_rank != 0:
             return
-        target = Path(self.hparams.output_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        self.student.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        old = target.with_name(f".{target.name}-old")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        write_dir_atomic(Path(self.hparams.output_dir), self.student.save_pretrained, self.tokenizer.save_pretrained, replace=True)

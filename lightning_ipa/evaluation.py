@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .bases import BaseDType, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
-from .metrics import CorpusDistinctN, DistinctN, DistinctVariant, MeanScore
+from .data import PromptBatch, repeat_prompts
+from .frozen import Frozen
+from .metrics import CorpusDistinctN, DistinctN, DistinctVariant, MeanScore, Samples
+from .policy import TailoredPolicy
 
 Stage = Literal["val", "test"]
+POLICIES = ("tailored", "base")
+Scorer = Callable[[PromptBatch, list[str]], dict[str, Tensor]]  # (batch of prompts, responses) → scores [N] by name
 
 
-class Evaluation(nn.Module):
-    """Samples k responses per prompt from the base alone and the tailored policy and measures both.
+class Evaluation(Frozen):
+    """Validation, test and predict: samples k responses per prompt from the tailored policy and the base alone, scores
+    them and measures both with torchmetrics.
 
-    Each sample is scored by the reward (``reward`` and its parts) and by ``score`` (scores only
-    evaluation needs, e.g. fluency under an evaluation LM); ``metrics`` aggregate those scores.
-    This default logs the mean reward and its parts, distinct-2 and corpus distinct-2; a task
-    subclasses it for its protocol. Its models are frozen, move with the module and are never
-    checkpointed.
+    Each sample is scored by the reward (``reward`` and its parts, through ``IPAModule.score``) and by ``score``
+    (scores only evaluation needs, e.g. fluency under an evaluation LM); ``metrics`` aggregate those scores. This
+    default logs the mean reward and its parts, distinct-2 and corpus distinct-2; a task subclasses it for its protocol
+    (``metrics``, ``score``). It also keeps what callbacks show: ``samples`` (a few validation samples, for
+    ``SampleTable``) and ``generations`` (every test sample with its scores, for ``TestResults``). Its models are
+    frozen, move with the module and are never checkpointed.
     """
 
     def __init__(self, samples_per_prompt: int = 1, val_samples_per_prompt: int = 1, distinct_variant: DistinctVariant = "dexperts"):
@@ -32,6 +39,9 @@ class Evaluation(nn.Module):
             val_samples_per_prompt: Samples per prompt and policy in validation (during ``fit`` and ``validate``).
             distinct_variant: Convention of distinct-n: 'dexperts' (DExperts/Quark: split on spaces, case kept,
                 ÷ words) or 'ngram_ratio' (lower-cased words, ÷ n-grams); see ``metrics.DistinctN``.
+
+        Raises:
+            ValueError: samples per prompt below 1.
         """
         super().__init__()
         if samples_per_prompt < 1 or val_samples_per_prompt < 1:
@@ -39,8 +49,29 @@ class Evaluation(nn.Module):
         self.samples_per_prompt = samples_per_prompt
         self.val_samples_per_prompt = val_samples_per_prompt
         self.distinct_variant = distinct_variant
+        self.seed = 1234
+        self.num_logged_samples = 8
+        self.stage_metrics = nn.ModuleDict()
+        self.samples: list[dict[str, Any]] = []  # a few samples of the last validation, for SampleTable
+        self.generations: list[dict[str, Any]] = []  # every sample of the test, with its scores, for TestResults
+        self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's draws are fixed: drawn once per batch
+
+    def setup(self, reward_names: Sequence[str], seed: int, num_logged_samples: int) -> None:
+        """Build the metrics of each stage and policy (``metrics``; logged as ``<stage>/<name>/<policy>``). ``IPAModule``
+        calls it once it knows the reward's parts.
+
+        Args:
+            reward_names: The reward's parts (``Reward.names``), each measured beside ``reward``.
+            seed: Seed of the draws (``generate``).
+            num_logged_samples: Validation samples kept in ``samples``.
+        """
+        self.seed, self.num_logged_samples = seed, num_logged_samples
+        self.stage_metrics = nn.ModuleDict({
+            f"{stage}_{policy}": nn.ModuleDict(self.metrics(reward_names)) for stage in ("val", "test") for policy in POLICIES
+        })
 
     def num_samples(self, stage: Stage) -> int:
+        """Samples per prompt and policy in ``stage``."""
         return self.samples_per_prompt if stage == "test" else self.val_samples_per_prompt
 
     def metrics(self, reward_names: Sequence[str]) -> dict[str, Metric]:
@@ -56,8 +87,71 @@ class Evaluation(nn.Module):
         """Per-sample scores [N] by name beside the reward's, for aligned prompt/response lists of N."""
         return {}
 
-    def train(self, mode: bool = True) -> "Evaluation":
-        return super().train(False)  # frozen models: dropout stays off
+    def generate(self, policy: TailoredPolicy, prompts: list[str], batch_index: int, k: int = 1) -> dict[str, list[str]]:
+        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch.
+
+        The seed is ``seed`` + ``batch_index``, the batch's index in one process's order (``IPAModule.eval_batch_index``),
+        so under DDP each batch gets the draws it gets in one process (the draws of a prompt depend on its batch: they
+        are rows of one sampling call). The base's draws are made once per batch and kept.
+
+        Returns:
+            {"tailored": [N·k texts], "base": [N·k texts]}.
+        """
+        encoded = policy.encode(prompts)
+        generator = torch.Generator(encoded.ids.device).manual_seed(self.seed + batch_index)
+        tailored = policy.generate(encoded, generator, samples_per_prompt=k)
+        key = (*prompts, k)
+        if key not in self._base_samples:
+            generator.manual_seed(self.seed + batch_index)
+            base = policy.generate(encoded, generator, samples_per_prompt=k, use_adapter=False)
+            self._base_samples[key] = policy.decode(base.response_ids, base.response_mask)
+        return {"tailored": policy.decode(tailored.response_ids, tailored.response_mask), "base": self._base_samples[key]}
+
+    def evaluate(self, policy: TailoredPolicy, score: Scorer, batch: PromptBatch, batch_index: int, stage: Stage) -> dict[str, Metric]:
+        """Generate for a batch with both policies, score the samples and update the stage's metrics; keep the first
+        validation batch's samples (``samples``) and every test sample (``generations``).
+
+        Args:
+            policy: The tailored policy.
+            score: The reward's scores of responses (``IPAModule.score``: the contract checked).
+            batch: The prompts and their meta.
+            batch_index: The batch's index in one process's order (for the seed).
+            stage: 'val' or 'test'.
+
+        Returns:
+            The updated metrics by log name ``<stage>/<name>/<policy>``, for ``LightningModule.log``.
+        """
+        k = self.num_samples(stage)
+        responses = self.generate(policy, batch["prompt"], batch_index, k)
+        repeated = repeat_prompts(batch, k)
+        samples = {
+            name: Samples(batch["prompt"], texts, {**score(repeated, texts), **self.score(repeated["prompt"], texts)}, k, batch["meta"])
+            for name, texts in responses.items()
+        }
+        logged = {}
+        for name, policy_samples in samples.items():
+            for metric_name, metric in self.stage_metrics[f"{stage}_{name}"].items():
+                metric.update(policy_samples)
+                logged[f"{stage}/{metric_name}/{name}"] = metric
+        rows = {name: policy_samples.by_prompt() for name, policy_samples in samples.items()}  # [P] each
+        if stage == "test":
+            self.generations += [{"prompt": p, **{name: rows[name][i] for name in POLICIES}} for i, p in enumerate(batch["prompt"])]
+        if stage == "val" and batch_index == 0:  # the first sample of the first prompts
+            self.samples = [
+                {"prompt": p, **{name: rows[name][i]["responses"][0] for name in POLICIES},
+                 **{f"reward_{name}": rows[name][i]["reward"][0] for name in POLICIES}}
+                for i, p in enumerate(batch["prompt"][: self.num_logged_samples])
+            ]
+        return logged
+
+    def predict(self, policy: TailoredPolicy, score: Scorer, batch: PromptBatch, batch_index: int) -> list[dict[str, Any]]:
+        """One row per prompt: its tailored and base responses and their rewards (``PredictionWriter`` writes them)."""
+        responses = self.generate(policy, batch["prompt"], batch_index)
+        rewards = {name: score(batch, texts)["reward"].tolist() for name, texts in responses.items()}
+        return [
+            {"prompt": prompt, **{name: responses[name][i] for name in POLICIES}, **{f"reward_{name}": rewards[name][i] for name in POLICIES}}
+            for i, prompt in enumerate(batch["prompt"])
+        ]
 
 
 PerplexityVariant = Literal["dexperts", "separate"]

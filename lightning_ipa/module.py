@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,21 +17,22 @@ from .bases import LocalBase
 from .callbacks import FitSummary, RolloutProgressBar, completed_rollouts
 from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
-from .metrics import Samples
 from .policy import Sampling, TailoredPolicy, long_prompts_error
 from .remote import RemoteBase
 from .rewards import Reward, RewardContractError, check_scores
-from .types import LossOutput, Rollout
+from .types import Experience, LossOutput, Responses, Rollout
 
-POLICIES = ("tailored", "base")
 FROZEN = ("policy.base.", "reward.", "evaluation.")  # state_dict prefixes rebuilt at start-up, never checkpointed
-
-# The policy stays in eval mode on purpose (frozen base, no dropout in RL): silence Lightning's caution.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class IPAModule(LightningModule):
-    """Inference-time Policy Adapter: trains an adapter so that base ⊗ adapter^α maximises a reward."""
+    """Inference-time Policy Adapters (Lu et al., "Inference-Time Policy Adapters (IPA): Tailoring Extreme-Scale LMs
+    without Fine-tuning", EMNLP 2023): trains an adapter so that the tailored policy, base ⊗ adapter^α, maximises a reward.
+
+    ``training_step`` is one RL step (docs/architecture.md); validation, test and predict are the ``Evaluation``'s.
+    Under manual optimisation: one optimizer step per minibatch update, the learning-rate scheduler stepped once per
+    rollout.
+    """
 
     def __init__(
         self,
@@ -60,8 +60,8 @@ class IPAModule(LightningModule):
                 ``class_path: lightning_ipa.RemoteBase`` one behind an API that returns top-k log-probs.
             reward: What the tailored policy should maximise.
             algorithm: The RL algorithm that trains the adapter (None: RLOO with its defaults).
-            evaluation: What validation and test sample and measure (None: one sample per prompt; mean
-                reward and its parts, distinct-2, corpus distinct-2). Tasks bring their own protocol.
+            evaluation: What validation, test and predict sample and measure, and what callbacks show of it (None: one
+                sample per prompt; mean reward and its parts, distinct-2, corpus distinct-2). Tasks bring their own protocol.
             adapter: How to build the adapter.
             alpha: Weight α of the adapter in log_softmax(base) + α·adapter.
             sampling: Decoding settings for rollouts, validation, test and predict.
@@ -108,51 +108,43 @@ class IPAModule(LightningModule):
             )
         self.algorithm.setup(self.policy.adapter)
         self.evaluation = evaluation or Evaluation()
+        self.evaluation.setup(self.reward.names, eval_seed, num_logged_samples)
         self.lr_scheduler = lr_scheduler
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{policy}": nn.ModuleDict(self.evaluation.metrics(self.reward.names)) for stage in ("val", "test") for policy in POLICIES
-        })
-        self.samples: list[dict[str, Any]] = []  # a few validation samples, for the SampleTable callback
-        self.generations: list[dict[str, Any]] = []  # every test sample with its scores, for the TestResults callback
-        self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's eval draws are fixed
 
     @property
     def tokenizer(self):
         return self.policy.base.tokenizer
 
-    def decode(self, rollout: Rollout) -> list[str]:
+    # ---- one RL step ----
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """One RL step on a batch of prompts (docs/architecture.md): sample → score → experience → KL control → updates → log."""
+        rollout = self.sample(batch)  # 1. k responses per prompt from base ⊗ adapter^α: the base runs once per token, here only
+        scores = self.score(repeat_prompts(batch, self.algorithm.samples_per_prompt), self.decode(rollout))  # 2. reward and parts [B]
+        rewards = self.shaped_reward(rollout, scores["reward"])
+        experience = self.algorithm.make_experience(rollout, rewards)  # 3. advantages and returns; Quark: a batch replayed from its pool
+        self.algorithm.control_kl(rollout)  # 4. the adaptive KL coefficient, towards kl_target
+        stats = [self.update(minibatch, batch_idx, i) for i, minibatch in enumerate(self.algorithm.minibatches(experience))]  # 5.
+        self.log_training(rollout, scores, stats)  # 6. log the rollout and its updates, then step the learning rates
+        self.step_lr_scheduler()
+
+    def sample(self, batch: PromptBatch) -> Rollout:
+        """The rollout: ``samples_per_prompt`` responses per prompt from the tailored policy (``TailoredPolicy.sample``,
+        nucleus ``rollout_top_p``), each prompt's in consecutive rows."""
+        prompts = self.policy.encode(batch["prompt"])
+        return self.policy.sample(prompts, samples_per_prompt=self.algorithm.samples_per_prompt, top_p=self.hparams.rollout_top_p)
+
+    def decode(self, rollout: Union[Rollout, Responses]) -> list[str]:
         """Response texts (``TailoredPolicy.decode``; for rewards and logs only: training uses the token ids)."""
         return self.policy.decode(rollout.response_ids, rollout.response_mask)
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        k = self.algorithm.samples_per_prompt
-        # 1. Sample k responses per prompt from the tailored policy (the only place the base runs: once per token).
-        rollout = self.policy.sample(self.policy.encode(batch["prompt"]), samples_per_prompt=k, top_p=self.hparams.rollout_top_p)
-        batch = repeat_prompts(batch, k)
-        # 2. Score the decoded responses.
-        scores = self.score(batch, self.decode(rollout))
-        # 3. Turn rewards into experience: advantages (and value targets), or a batch replayed from a pool.
-        experience = self.algorithm.prepare(rollout, self.shaped_reward(rollout, scores["reward"]))
-        experience = experience._replace(rollout=self.policy.with_base_logprobs(experience.rollout))
-        # 4. Epochs × minibatches of adapter updates; the base's log-probs come from the rollout.
-        losses = []
-        for minibatch in self.algorithm.minibatches(experience):
-            loss = self.algorithm.loss(self.policy.evaluate(minibatch.rollout, self.algorithm.needs_exact_kl), minibatch)
-            self.check_finite(loss, batch_idx, update=len(losses))
-            optimizer.zero_grad()
-            self.manual_backward(loss.loss)
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.stats)
-        # 5. Log what happened, then move the learning rates on (once per rollout).
-        self.log_training(rollout, scores, losses)
-        if (scheduler := self.lr_schedulers()) is not None:
-            scheduler.step()
-
     def score(self, batch: PromptBatch, responses: list[str]) -> dict[str, Tensor]:
         """Scores [B] (float32, on this module's device) by name; a reward output that breaks the contract
-        (``rewards.Reward``: a mapping with ``reward``, one finite number per response) stops the run here."""
+        (``rewards.Reward``: a mapping with ``reward``, one finite number per response) stops the run here.
+
+        Raises:
+            RewardContractError: what was wrong, for which sample, and when (stage, global step).
+        """
         prompts = batch["prompt"]
         try:
             scores = check_scores(self.reward, self.reward(prompts, responses, batch["meta"]), prompts, responses)
@@ -162,8 +154,35 @@ class IPAModule(LightningModule):
             raise
         return {name: value.to(self.device) for name, value in scores.items()}
 
+    def shaped_reward(self, rollout: Rollout, reward: Tensor) -> Tensor:
+        """The task's reward [B], less ``missing_eos_penalty`` for responses that never ended."""
+        if self.hparams.missing_eos_penalty is None:
+            return reward
+        return reward - self.hparams.missing_eos_penalty * (~self.ended(rollout)).float()
+
+    def ended(self, rollout: Union[Rollout, Responses]) -> Tensor:
+        """[B] whether each response ended with a stop token (rather than at ``max_new_tokens``)."""
+        return self.policy.ended(rollout.response_ids, rollout.response_mask)
+
+    def update(self, minibatch: Experience, batch_idx: int, update: int) -> dict[str, Tensor]:
+        """One optimizer step of the adapter on a minibatch: the policy's forward pass, the algorithm's loss, a
+        non-finite check, backward, gradient clipping (``max_grad_norm``), step. Returns the loss's stats."""
+        optimizer = self.optimizers()
+        loss = self.algorithm.loss(self.policy(minibatch.samples, with_kl=self.algorithm.needs_exact_kl), minibatch)
+        self.check_finite(loss, batch_idx, update)
+        optimizer.zero_grad()
+        self.manual_backward(loss.loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
+        optimizer.step()
+        return loss.stats
+
     def check_finite(self, loss: LossOutput, batch_idx: int, update: int) -> None:
-        """Stop the run before a non-finite loss reaches the adapter's weights (through ``optimizer.step()``)."""
+        """Stop the run before a non-finite loss reaches the adapter's weights (through ``optimizer.step()``).
+
+        Raises:
+            FloatingPointError: the loss is NaN or ±inf; the message names the rollout, the update, the loss's stats
+                and the likely causes.
+        """
         if torch.isfinite(loss.loss).all():
             return
         stats = ", ".join(f"{name}={value.float().mean().item():.4g}" for name, value in loss.stats.items())
@@ -178,21 +197,13 @@ class IPAModule(LightningModule):
             "algorithm's setting that divides by ~0 (e.g. advantages whitened over identical rewards)."
         )
 
-    def ended(self, rollout: Rollout) -> Tensor:
-        """[B] whether each response ended with a stop token (rather than at ``max_new_tokens``)."""
-        return self.policy.ended(rollout.response_ids, rollout.response_mask)
-
-    def shaped_reward(self, rollout: Rollout, reward: Tensor) -> Tensor:
-        """The task's reward, less ``missing_eos_penalty`` for responses that never ended."""
-        if self.hparams.missing_eos_penalty is None:
-            return reward
-        return reward - self.hparams.missing_eos_penalty * (~self.ended(rollout)).float()
-
     def log_training(self, rollout: Rollout, scores: dict[str, Tensor], losses: list[dict[str, Tensor]]) -> None:
+        """Log the rollout (``train/``: scores, exact KL, response length, share ended, the algorithm's ``stats``,
+        learning rates) and the mean of each loss stat over its updates (``loss/``), at step = this rollout's number."""
         n = len(rollout.response_ids)
         logs = {f"train/{name}": value.mean() for name, value in scores.items()}
         logs["train/kl"] = rollout.kl.sum(-1).mean()
-        logs.update({f"train/{name}": value.to(self.device) for name, value in self.algorithm.metrics().items()})
+        logs.update({f"train/{name}": value.to(self.device) for name, value in self.algorithm.stats().items()})
         logs["train/response_length"] = rollout.response_mask.sum(-1).float().mean()
         logs["train/ended"] = self.ended(rollout).float().mean()
         if self.policy.sampling.long_prompts == "cut_left":
@@ -205,7 +216,13 @@ class IPAModule(LightningModule):
         self.log_dict({k: v for k, v in logs.items() if k in shown}, batch_size=n, prog_bar=True)
         self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=n)
 
-    # ---- evaluation: the base alone and the tailored policy on the same prompts ----
+    def step_lr_scheduler(self) -> None:
+        """Move the learning rates on, once per rollout (after logging the ones it used); manual optimisation leaves
+        stepping the scheduler to us."""
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()
+
+    # ---- evaluation: the base alone and the tailored policy on the same prompts (``Evaluation``) ----
 
     def eval_batch_index(self, batch_idx: int) -> int:
         """The index in one process's order of this rank's ``batch_idx``-th evaluation batch: ``EvalShards``
@@ -213,68 +230,28 @@ class IPAModule(LightningModule):
         world_size = self._trainer.world_size if self._trainer is not None else 1
         return batch_idx * world_size + self.global_rank
 
-    def generate(self, prompts: list[str], batch_idx: int, k: int = 1) -> dict[str, list[str]]:
-        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch.
-
-        The seed is ``eval_seed`` + the batch's index in one process's order (``eval_batch_index``), so under DDP
-        each batch holds the prompts and gets the draws it gets in one process (the draws of a prompt depend on
-        its batch: they are rows of one sampling call).
-        """
-        encoded = self.policy.encode(prompts)
-        seed = self.hparams.eval_seed + self.eval_batch_index(batch_idx)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        tailored = self.decode(self.policy.sample(encoded, generator, samples_per_prompt=k, for_training=False))
-        key = (*prompts, k)
-        if key not in self._base_samples:
-            generator.manual_seed(seed)
-            base = self.policy.sample(encoded, generator, use_adapter=False, samples_per_prompt=k, for_training=False)
-            self._base_samples[key] = self.decode(base)
-        return {"tailored": tailored, "base": self._base_samples[key]}
-
-    def _evaluate(self, batch: PromptBatch, batch_idx: int, stage: Stage) -> None:
-        k = self.evaluation.num_samples(stage)
-        responses = self.generate(batch["prompt"], batch_idx, k)
-        if self.policy.sampling.long_prompts == "cut_left":  # how many of the stage's prompts were cut (summed)
-            self.log(f"{stage}/prompts_cut", float(self.policy.last_cut), reduce_fx="sum", batch_size=len(batch["prompt"]))
-        repeated = repeat_prompts(batch, k)
-        samples = {
-            policy: Samples(batch["prompt"], texts, {**self.score(repeated, texts), **self.evaluation.score(repeated["prompt"], texts)}, k, batch["meta"])
-            for policy, texts in responses.items()
-        }
-        for policy, policy_samples in samples.items():
-            for name, metric in self.metrics[f"{stage}_{policy}"].items():
-                metric.update(policy_samples)
-                self.log(f"{stage}/{name}/{policy}", metric, batch_size=len(batch["prompt"]))
-        rows = {policy: policy_samples.by_prompt() for policy, policy_samples in samples.items()}  # [P] each
-        if stage == "test":
-            self.generations += [{"prompt": p, **{policy: rows[policy][i] for policy in POLICIES}} for i, p in enumerate(batch["prompt"])]
-        if stage == "val" and self.eval_batch_index(batch_idx) == 0:  # the first sample of the first prompts
-            self.samples = [
-                {"prompt": p, **{policy: rows[policy][i]["responses"][0] for policy in POLICIES},
-                 **{f"reward_{policy}": rows[policy][i]["reward"][0] for policy in POLICIES}}
-                for i, p in enumerate(batch["prompt"][: self.hparams.num_logged_samples])
-            ]
-
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        self.log_evaluation(batch, batch_idx, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.log_evaluation(batch, batch_idx, "test")
+
+    def log_evaluation(self, batch: PromptBatch, batch_idx: int, stage: Stage) -> None:
+        """``Evaluation.evaluate`` on a batch, its metrics logged (and how many prompts were cut to fit, summed)."""
+        metrics = self.evaluation.evaluate(self.policy, self.score, batch, self.eval_batch_index(batch_idx), stage)
+        if self.policy.sampling.long_prompts == "cut_left":  # of the generation just done
+            self.log(f"{stage}/prompts_cut", float(self.policy.last_cut), reduce_fx="sum", batch_size=len(batch["prompt"]))
+        self.log_dict(metrics, batch_size=len(batch["prompt"]))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:  # at the step of the rollout it follows
             self.log("step", float(completed_rollouts(self.trainer)), sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
-        self.generations = []
-
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        self.evaluation.generations = []
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
-        responses = self.generate(batch["prompt"], batch_idx)
-        rewards = {policy: self.score(batch, texts)["reward"].tolist() for policy, texts in responses.items()}
-        return [
-            {"prompt": prompt, **{policy: responses[policy][i] for policy in POLICIES}, **{f"reward_{policy}": rewards[policy][i] for policy in POLICIES}}
-            for i, prompt in enumerate(batch["prompt"])
-        ]
+        return self.evaluation.predict(self.policy, self.score, batch, self.eval_batch_index(batch_idx))
 
     # ---- optimisation and checkpoints ----
 
@@ -348,7 +325,7 @@ class IPAModule(LightningModule):
         )
         if self.lr_scheduler is None:
             return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}  # stepped by step_lr_scheduler
 
     def checkpointed_keys(self) -> set[str]:
         """The ``state_dict`` keys a checkpoint holds: what training changes (the adapter's trainable weights, the

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .adapters import Adapter
 from .bases import LocalBase, prompt_lengths
+from .frozen import Frozen
 from .remote import RemoteBase
-from .types import PolicyEval, Prompts, Rollout, position_ids, sequence
+from .types import PolicyOutput, Prompts, Responses, Rollout, position_ids, sequence
 
 NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; rows whose kept set is wider look among 4× as many
-# evaluate() scores tokens in blocks of at most this many [tokens × vocabulary] floats (16 MB): under glibc's
+# forward() scores tokens in blocks of at most this many [tokens × vocabulary] floats (16 MB): under glibc's
 # 32 MB mmap threshold, so they are reused from the heap rather than mapped and zeroed afresh (~2× faster on CPU)
 EVALUATE_BLOCK = 1 << 22
 
@@ -159,12 +160,13 @@ def _pick(logprobs: Tensor, token: Tensor, alive: Tensor) -> Tensor:
     return logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(~alive, 0.0)
 
 
-class TailoredPolicy(nn.Module):
+class TailoredPolicy(Frozen):
     """Base and adapter decoded in lockstep as a product of experts.
 
     ``log_softmax(base) + α·adapter`` (then temperature) defines the policy everywhere: in
     rollouts, in the training loss and at inference. Top-k/top-p only filter what is sampled.
-    Without an adapter it samples the base alone (``use_adapter=False``), e.g. a teacher to distil.
+    Without an adapter it samples the base alone (``use_adapter=False``), e.g. a teacher to distil. It stays in eval mode
+    (``Frozen``: no dropout, so rollout and loss see one distribution); the adapter's parameters still train.
     """
 
     def __init__(
@@ -278,14 +280,18 @@ class TailoredPolicy(nn.Module):
                          f"in the context window ({self.windows_text()}) before max_new_tokens={self.sampling.max_new_tokens}: "
                          "lower --model.sampling.max_new_tokens, or shorten the system prompt")
 
-    def train(self, mode: bool = True) -> "TailoredPolicy":
-        return super().train(False)  # no dropout: rollout and loss must see one distribution
-
     def distribution(self, base_logprobs: Tensor, adapter_logits: Optional[Tensor], step: Tensor | int) -> Tensor:
         """Log-probs of the tailored policy [..., V] at response position(s) ``step`` (int or [...]).
 
-        ``log_softmax(base_logprobs + α·adapter_logits) / temperature``, with tokens that are never sampled (padding)
-        and the stop tokens before ``min_new_tokens`` excluded. ``adapter_logits=None`` is the base alone.
+        ``log_softmax((base_logprobs + α·adapter_logits) / temperature)``, in that order: the product of experts, with
+        tokens that are never sampled (padding) and the stop tokens before ``min_new_tokens`` set to −inf first.
+        ``adapter_logits=None`` is the base alone: ``log_softmax(base_logprobs / temperature)`` with the same bans, the
+        reference of the KL.
+
+        Args:
+            base_logprobs: [..., V] the base's log-probs over the vocabulary (−inf outside a top-k base's support).
+            adapter_logits: [..., V] the adapter's output head, or None.
+            step: Response position(s) of the rows: an int, or [...] one per row.
 
         Where these bans leave no token of the base's support (a top-k base whose only tokens are stop tokens before
         ``min_new_tokens``, or padding), they give way, in turn, for that row: first the ban on stopping early, then
@@ -313,31 +319,52 @@ class TailoredPolicy(nn.Module):
         return [self.base.tokenizer.decode(ids[real], skip_special_tokens=True) for ids, real in zip(response_ids, response_mask.bool())]
 
     @torch.no_grad()
-    def sample(
-        self,
-        prompts: Prompts,
-        generator: Optional[torch.Generator] = None,
-        use_adapter: bool = True,
-        samples_per_prompt: int = 1,
-        top_p: Optional[float] = None,
-        for_training: bool = True,
-    ) -> Rollout:
-        """Sample responses with KV caches; the base runs exactly once per generated token.
+    def sample(self, prompts: Prompts, generator: Optional[torch.Generator] = None, samples_per_prompt: int = 1,
+               top_p: Optional[float] = None) -> Rollout:
+        """Training rollouts: ``samples_per_prompt`` = k responses per prompt from the tailored policy, with what the
+        update reads from this pass (``Rollout``: log-probs under π and the base, the exact KL, the base's distributions
+        and the adapter's hidden states), so that the base runs exactly once per generated token in a whole RL step.
 
-        With ``samples_per_prompt`` = k, each prompt is read once and its caches are copied to
-        k consecutive rows of the rollout. ``top_p`` overrides ``sampling.top_p`` for this call.
-        An adapter with control codes samples with code 0 (see ``Adapter.add_controls``).
-        With ``for_training`` the rollout also carries, per response token, the base's log-prob and the
-        exact KL(tailored ‖ base) of the full distributions (see ``Rollout``), the base's [B, T, V]
-        log-probs and the adapter's hidden states; evaluation (``for_training=False``) keeps none of them.
+        Args:
+            prompts: [N, P] left-padded (``encode``); each is read once and its caches copied to k consecutive rows.
+            generator: Random generator of the draws (None: torch's global one).
+            samples_per_prompt: k.
+            top_p: Nucleus mass of this call (None: ``sampling.top_p``).
+
+        Returns:
+            ``Rollout`` of B = N·k rows; an adapter with control codes samples with code 0 (``Adapter.add_controls``). A
+            policy without an adapter samples the base alone (KL 0, hidden states [B, T, 0]).
         """
-        s, k = self.sampling, samples_per_prompt
+        return Rollout(**self._decode(prompts, generator, samples_per_prompt, top_p, self.adapter is not None, record=True))
+
+    @torch.no_grad()
+    def generate(self, prompts: Prompts, generator: Optional[torch.Generator] = None, samples_per_prompt: int = 1,
+                 use_adapter: bool = True) -> Responses:
+        """Responses to show or measure (evaluation, predict, distillation): as ``sample`` draws them, tokens only.
+
+        Args:
+            prompts: [N, P] left-padded (``encode``).
+            generator: Random generator of the draws (None: torch's global one).
+            samples_per_prompt: k responses per prompt, in consecutive rows.
+            use_adapter: False: the base alone (with the same decoding settings), e.g. the baseline or a teacher; a
+                policy without an adapter always samples the base alone.
+
+        Returns:
+            ``Responses`` of B = N·k rows.
+        """
+        return Responses(**self._decode(prompts, generator, samples_per_prompt, None, use_adapter and self.adapter is not None, record=False))
+
+    def _decode(self, prompts: Prompts, generator: Optional[torch.Generator], k: int, top_p: Optional[float], use_adapter: bool,
+                record: bool) -> dict[str, Optional[Tensor]]:
+        """The lockstep sampler behind ``sample`` and ``generate``: base and adapter advance one token at a time with
+        their KV caches. Returns their fields by name ([B, ...] tensors stacked along T); ``record`` keeps the training ones."""
+        s = self.sampling
         top_p = s.top_p if top_p is None else top_p
         positions = position_ids(prompts.mask)
         base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions)
         base_lp = base_lp.repeat_interleave(k, dim=0)
         base_cache.batch_repeat_interleave(k)
-        adapter_cache, control = None, None
+        adapter_cache, control, hidden = None, None, None
         if use_adapter:
             control = self.adapter.sampling_control(len(prompts.ids), prompts.ids.device)
             hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, use_cache=True, control=control)
@@ -346,21 +373,21 @@ class TailoredPolicy(nn.Module):
             control = None if control is None else control.repeat_interleave(k)
         prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
         mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
-        batch = prompts.ids.shape[0]
-        alive = torch.ones(batch, dtype=torch.bool, device=mask.device)
-        steps: list[tuple[Tensor, ...]] = []
+        alive = torch.ones(prompts.ids.shape[0], dtype=torch.bool, device=mask.device)
+        steps: dict[str, list[Tensor]] = {name: [] for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "ref_distribution", "hidden")}
         for t in range(s.max_new_tokens):
-            adapter_logits = self.adapter.head(hidden) if use_adapter else None
-            logprobs = self.distribution(base_lp, adapter_logits, t)  # [B, V] the tailored policy π
-            sampled = truncate(logprobs, s.top_k, top_p, s.min_tokens_to_keep)  # what is drawn from: π after top-k/top-p
+            logprobs = self.distribution(base_lp, self.adapter.head(hidden) if use_adapter else None, t)  # [B, V] the tailored policy π
             real = alive  # rows still generating; finished rows get padding
-            token = sampled.sample(generator).masked_fill(~real, self.pad_id)
-            step = [token, real, _pick(logprobs, token, real)]
-            if for_training:
-                ref_logprobs = self.distribution(base_lp, None, t) if use_adapter else logprobs  # [B, V] the base alone
-                kl = kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else token.new_zeros(batch, dtype=logprobs.dtype)
-                step += [_pick(ref_logprobs, token, real), kl, base_lp, hidden if use_adapter else base_lp.new_zeros(batch, 0)]
-            steps.append(tuple(step))
+            token = truncate(logprobs, s.top_k, top_p, s.min_tokens_to_keep).sample(generator).masked_fill(~real, self.pad_id)  # π after top-k/top-p
+            steps["response_ids"].append(token)
+            steps["response_mask"].append(real.long())
+            if record:
+                ref_logprobs = self.distribution(base_lp, None, t) if use_adapter else logprobs  # [B, V] the base alone, the reference
+                steps["logprobs"].append(_pick(logprobs, token, real))
+                steps["ref_logprobs"].append(_pick(ref_logprobs, token, real))
+                steps["kl"].append(kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else torch.zeros_like(base_lp[:, 0]))
+                steps["ref_distribution"].append(base_lp)
+                steps["hidden"].append(hidden if use_adapter else base_lp.new_zeros(len(token), 0))
             alive = real & ~self.stops[token]
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
@@ -371,45 +398,46 @@ class TailoredPolicy(nn.Module):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
-        tokens, masks, token_lps, *kept = (torch.stack(x, dim=1) for x in zip(*steps))
-        ref_lps, kls, base_lps, hiddens = kept if for_training else (None,) * 4
-        return Rollout(prompts.ids, prompts.mask, tokens, masks.long(), token_lps, ref_lps, kls, base_lps, hiddens, control)
+        fields = {name: torch.stack(values, dim=1) for name, values in steps.items() if values}
+        return {"prompt_ids": prompts.ids, "prompt_mask": prompts.mask, **fields, "control": control}
 
-    def with_base_logprobs(self, rollout: Rollout) -> Rollout:
-        """The rollout with the base's log-probs, which responses replayed from a pool lack.
+    def forward(self, samples: Union[Rollout, Responses], with_kl: bool = False) -> PolicyOutput:
+        """The tailored policy on given responses, with gradients through the adapter: what a loss reads.
 
-        The base reads each replayed prompt + response once (one pass, no generation); a rollout
-        sampled now is returned as it is.
+        A ``Rollout`` brings the base's distributions from sampling (the base does not run); ``Responses`` (Quark's
+        replays) have the base read them here first, one teacher-forced pass without gradients. The output head and the
+        combination run on real response tokens only, never on padding, a block of tokens at a time.
+
+        Args:
+            samples: [B] rows of prompts and responses, with the control code each was trained under (if any).
+            with_kl: Also the exact per-token KL(π ‖ base) of the full distributions (``PolicyOutput.kl``).
+
+        Returns:
+            ``PolicyOutput``: log π of each response token, entropy, hidden states [B, T, H], and the KL if asked for.
         """
-        if rollout.base_logprobs is not None:
-            return rollout
-        ids, mask = sequence(rollout)
-        return rollout._replace(base_logprobs=self.base.response_logprobs(ids, mask, rollout.prompt_ids.shape[1]))
-
-    def evaluate(self, rollout: Rollout, with_kl: bool = False) -> PolicyEval:
-        """Re-score a rollout's tokens with gradients through the adapter (the base is not run).
-
-        The output head and the combination run on real response tokens only, never on padding,
-        a block of tokens at a time. ``with_kl`` adds the exact per-token KL(tailored ‖ base).
-        """
-        ids, mask = sequence(rollout)
-        prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-        hidden, _ = self.adapter(ids, mask, position_ids(mask), control=rollout.control)
+        ids, mask = sequence(samples)
+        prompt_len, response_len = samples.prompt_ids.shape[1], samples.response_ids.shape[1]
+        if isinstance(samples, Rollout):
+            ref_distribution = samples.ref_distribution
+        else:
+            with torch.no_grad():
+                ref_distribution = self.base.response_logprobs(ids, mask, prompt_len)
+        hidden, _ = self.adapter(ids, mask, position_ids(mask), control=samples.control)
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
-        real = rollout.response_mask.bool()  # [B, T]
+        real = samples.response_mask.bool()  # [B, T]
         rows, steps = real.nonzero(as_tuple=True)  # [N] each
         token_lps, entropies, kls = [], [], []
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            base_lp = rollout.base_logprobs[r, t]
-            logprobs = self.distribution(base_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
-            token_lps.append(logprobs.gather(-1, rollout.response_ids[r, t, None]).squeeze(-1))
+            ref_lp = ref_distribution[r, t]
+            logprobs = self.distribution(ref_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
+            token_lps.append(logprobs.gather(-1, samples.response_ids[r, t, None]).squeeze(-1))
             entropies.append(-(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1))
             if with_kl:
-                kls.append(kl_divergence(logprobs, self.distribution(base_lp, None, t)))
+                kls.append(kl_divergence(logprobs, self.distribution(ref_lp, None, t)))
         kl = _unpack(torch.cat(kls), real) if with_kl else None
-        return PolicyEval(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
+        return PolicyOutput(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
 
 
 def _unpack(values: Tensor, real: Tensor) -> Tensor:

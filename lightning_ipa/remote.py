@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from .bases import (
     StopTokens, encode_prompts, load_tokenizer, pad_with_a_stop_token, read_generation_config, resolve_pretrained, stop_ids,
 )
+from .frozen import Frozen
 from .types import Prompts
 
 
@@ -109,7 +110,7 @@ class RemoteCache:
         self.rows = [list(row) for row in self.rows for _ in range(k)]
 
 
-class RemoteBase(nn.Module):
+class RemoteBase(Frozen):
     """The base policy behind an OpenAI-compatible ``/completions`` endpoint (vLLM, TGI, llama.cpp, OpenAI).
 
     Each decoding step sends one request per unfinished row (concurrently), ``max_tokens=1`` and
@@ -199,9 +200,6 @@ class RemoteBase(nn.Module):
     def full_support(self) -> bool:
         """False: an API returns its top-k log-probs only."""
         return False
-
-    def train(self, mode: bool = True) -> "RemoteBase":
-        return super().train(False)
 
     def encode(self, prompts: list[str]) -> Prompts:
         """Tokenise prompt texts into a left-padded batch on the module's device."""

@@ -6,15 +6,16 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from .bases import BaseDType, resolve_pretrained, truncate_at_window
 from .evaluation import Perplexity
+from .frozen import Frozen
 from .metrics import distinct_ratio
 
 
@@ -164,19 +165,13 @@ def _shorten(text: str, limit: int = 200, quote: bool = True) -> str:
     return f"{head} … {tail} ({len(text)} characters)"
 
 
-class ModelReward(nn.Module, Reward):
+class ModelReward(Frozen, Reward):
     """A reward computed by a frozen neural model (a classifier, an LM).
 
     Being a module of the IPAModule, it moves to the module's device (and is scored there, in
-    batches); it stays in eval mode, never trains and is left out of checkpoints.
+    batches); it stays in eval mode (``Frozen``: one sample, one score), never trains (a subclass calls
+    ``freeze()`` at the end of its ``__init__``) and is left out of checkpoints.
     """
-
-    def freeze(self) -> None:
-        """Call at the end of ``__init__``: no gradients, eval mode."""
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> "ModelReward":
-        return super().train(False)  # dropout stays off: one sample, one score
 
     @abstractmethod
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -235,6 +230,41 @@ class ComposedReward(ModelReward):
         return {"reward": total, **{f"reward/{name}": value for name, value in values.items()}, **parts}
 
 
+def classifier_scores(
+    classifier: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    score: Callable[[Tensor], Tensor],
+    batch_size: int,
+    firsts: Optional[list[str]] = None,
+) -> Tensor:
+    """Scores of texts (or of sentence pairs) under a sequence classifier, ``batch_size`` texts per pass.
+
+    Each batch is tokenised (padded; truncated at the tokenizer's ``model_max_length``, which ``truncate_at_window``
+    keeps within the classifier's window), moved to the classifier's device and classified; ``score`` turns the
+    pass's logits into one score per text.
+
+    Args:
+        classifier: A Hugging Face sequence classifier (an output with ``logits`` [b, labels]).
+        tokenizer: Its tokenizer.
+        texts: The texts to score (the second text of each pair when ``firsts`` is given).
+        score: The scores [b] of a pass from its logits [b, labels] (e.g. a label's probability).
+        batch_size: Texts per classifier pass.
+        firsts: The first text of each pair, aligned with ``texts``; None: each text is classified alone.
+
+    Returns:
+        The scores [N] of the N texts, in order, on the classifier's device (empty, float32, for no texts).
+    """
+    device = next(classifier.parameters()).device
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        batch = texts[i : i + batch_size]
+        pairs = (batch,) if firsts is None else (firsts[i : i + batch_size], batch)
+        inputs = tokenizer(*pairs, return_tensors="pt", padding=True, truncation=True).to(device)
+        scores.append(score(classifier(**inputs).logits))
+    return torch.cat(scores) if scores else torch.zeros(0, device=device)
+
+
 class ClassifierReward(ModelReward):
     """reward = probability of ``label`` under a Hugging Face sequence classifier.
 
@@ -279,16 +309,12 @@ class ClassifierReward(ModelReward):
 
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
         firsts = None if self.text_pair is None else contexts(self.text_pair, prompts, meta)
-        device = next(self.classifier.parameters()).device
-        probs = []
-        for i in range(0, len(responses), self.batch_size):
-            texts = responses[i : i + self.batch_size]
-            pairs = (firsts[i : i + self.batch_size], texts) if firsts is not None else (texts,)
-            inputs = self.tokenizer(*pairs, return_tensors="pt", padding=True, truncation=True).to(device)
-            logits = self.classifier(**inputs).logits.float()
-            scores = logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid()
-            probs.append(scores[:, self.label])
-        return {"reward": torch.cat(probs) if probs else torch.zeros(0, device=device)}
+        return {"reward": classifier_scores(self.classifier, self.tokenizer, responses, self.probability, self.batch_size, firsts)}
+
+    def probability(self, logits: Tensor) -> Tensor:
+        """The rewarded label's probability [b] from a classifier pass's logits [b, labels]."""
+        logits = logits.float()
+        return (logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid())[:, self.label]
 
 
 class CoherenceReward(ModelReward):

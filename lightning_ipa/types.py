@@ -6,7 +6,7 @@ V = vocabulary, H = adapter hidden size.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, TypeVar
+from typing import NamedTuple, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -19,52 +19,66 @@ class Prompts(NamedTuple):
     mask: Tensor  # [B, P] 1 = real token
 
 
-class Rollout(NamedTuple):
-    """Samples of the tailored policy and everything training needs from the sampling pass.
+class Responses(NamedTuple):
+    """Prompts and the responses to them as token ids: what ``TailoredPolicy.generate`` returns (evaluation, predict,
+    distillation) and what Quark replays from its pool. Nothing of the sampling pass comes with them: a loss over them
+    has the base read them first (``TailoredPolicy.forward`` does, once per update)."""
 
-    ``kl`` is exact at each position: KL(π ‖ p_base) = Σ_v π(v)·(log π(v) − log p_base(v)) of the full
-    distributions of the tailored policy π and the base (same temperature and bans), computed while
-    sampling: ≥ 0, 0 where the adapter has not moved π from the base, with no sampling noise at a
-    position and unaffected by top-k/top-p (filters of what is drawn, not part of π). With unfiltered
-    rollouts, ``kl.sum(-1)`` averages to the sequence-level KL(π ‖ base) (chain rule); with filtered
-    ones it is the KL at the states the filtered policy visits. Responses replayed from a data pool (Quark)
-    carry token ids, masks and control codes only: the sampling-time fields are None
-    (``TailoredPolicy.with_base_logprobs`` has the base read its log-probs).
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_mask: Tensor  # [B, P] 1 = real token
+    response_ids: Tensor  # [B, T] right-padded with the pad id
+    response_mask: Tensor  # [B, T] 1 = generated token (the final stop token included)
+    control: Optional[Tensor] = None  # [B] the adapter's control code (``Adapter.add_controls``); None without codes
+
+
+class Rollout(NamedTuple):
+    """Responses sampled from the tailored policy for training, with everything the update reads from the sampling pass
+    (``TailoredPolicy.sample``): the base ran once per token there and never runs again on them.
+
+    ``kl`` is exact at each position: KL(π ‖ p_ref) = Σ_v π(v)·(log π(v) − log p_ref(v)) of the full distributions of
+    the tailored policy π and the reference, the base alone (same temperature and bans): ≥ 0, 0 where the adapter has
+    not moved π from the base, with no sampling noise at a position and unaffected by top-k/top-p (filters of what is
+    drawn, not part of π). With unfiltered rollouts, ``kl.sum(-1)`` averages to the sequence-level KL(π ‖ base) (chain
+    rule); with filtered ones it is the KL at the states the filtered policy visits. ``logprobs − ref_logprobs`` is the
+    sampled token's log-ratio, from which the sampled KL estimators work (``functional.kl_penalty``).
     """
 
     prompt_ids: Tensor  # [B, P] left-padded
     prompt_mask: Tensor  # [B, P]
     response_ids: Tensor  # [B, T] right-padded with the pad id
-    response_mask: Tensor  # [B, T] 1 = generated token (the final EOS included)
-    logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the tailored policy π (unfiltered: what the loss re-scores)
-    ref_logprobs: Optional[Tensor]  # [B, T] log-prob of each token under the base alone (same temperature and bans)
-    kl: Optional[Tensor]  # [B, T] exact KL(π ‖ base) in nats of the full distributions at each position, 0 on padding
-    base_logprobs: Optional[Tensor]  # [B, T, V] base log-softmax at each response position
-    hidden: Optional[Tensor]  # [B, T, H] adapter's last hidden state where each token was chosen
-    control: Optional[Tensor] = None  # [B] the adapter's control code (Adapter.add_controls); None without codes
+    response_mask: Tensor  # [B, T] 1 = generated token (the final stop token included)
+    logprobs: Tensor  # [B, T] log π of each token (unfiltered: the "old" log-probs of the clipped ratio)
+    ref_logprobs: Tensor  # [B, T] log p_ref of each token under the base alone (same temperature and bans)
+    kl: Tensor  # [B, T] exact KL(π ‖ base) in nats of the full distributions at each position, 0 on padding
+    ref_distribution: Tensor  # [B, T, V] the base's log-probs over the vocabulary at each response position
+    hidden: Tensor  # [B, T, H] the adapter's last hidden state where each token was chosen
+    control: Optional[Tensor] = None  # [B] the adapter's control code; None without codes
 
 
-class PolicyEval(NamedTuple):
-    """The tailored policy re-evaluated with gradients on a rollout's tokens."""
+class PolicyOutput(NamedTuple):
+    """The tailored policy run with gradients on given responses (``TailoredPolicy.forward``)."""
 
-    logprobs: Tensor  # [B, T]
-    entropy: Tensor  # [B, T]
-    hidden: Tensor  # [B, T, H]
-    kl: Optional[Tensor] = None  # [B, T] exact KL(tailored ‖ base) of the full distributions (when asked for)
+    logprobs: Tensor  # [B, T] log π of each response token
+    entropy: Tensor  # [B, T] entropy of π at each position, nats
+    hidden: Tensor  # [B, T, H] the adapter's hidden state where each token was chosen
+    kl: Optional[Tensor] = None  # [B, T] exact KL(π ‖ base) of the full distributions (when asked for)
 
 
 class Experience(NamedTuple):
-    """A rollout plus what an algorithm derived from it for its loss."""
+    """What an algorithm's loss trains on, one row per sample (``Algorithm.make_experience``); ``Algorithm.minibatches``
+    splits it along the rows."""
 
-    rollout: Rollout
+    samples: Union[Rollout, Responses]  # a Rollout (RLOO, PPO), or Responses replayed from a pool (Quark)
     advantages: Optional[Tensor] = None  # [B, T] (policy-gradient algorithms)
     returns: Optional[Tensor] = None  # [B, T] value targets (critic algorithms only)
     values: Optional[Tensor] = None  # [B, T] values at sampling time (critic algorithms only)
 
 
 class LossOutput(NamedTuple):
+    """One update's loss and what to log of it."""
+
     loss: Tensor  # [] what is back-propagated
-    stats: dict[str, Tensor]  # detached scalars to log under loss/ and train/
+    stats: dict[str, Tensor]  # detached scalars, logged under loss/<name>
 
 
 N = TypeVar("N", bound=tuple)
@@ -88,8 +102,8 @@ def position_ids(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence(rollout: Rollout) -> tuple[Tensor, Tensor]:
+def sequence(samples: Union[Rollout, Responses]) -> tuple[Tensor, Tensor]:
     """Prompt and response joined: ids [B, P+T] and attention mask [B, P+T]."""
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
-    mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)
+    ids = torch.cat([samples.prompt_ids, samples.response_ids], dim=1)
+    mask = torch.cat([samples.prompt_mask, samples.response_mask], dim=1)
     return ids, mask

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
-from tasks.quickstart.data import NOUNS, VERBS
+from tasks.concepts import NOUNS, VERBS
 
 CORPUS = [
     "Write one sentence that uses all of these words: " + ", ".join(NOUNS[i : i + 3] + VERBS[i % len(VERBS) : i % len(VERBS) + 1]) + "."

@@ -7,6 +7,7 @@ import torch
 from lightning_ipa.algorithms import PPO, RLOO, Quark
 from lightning_ipa.algorithms.quark import DataPool
 from lightning_ipa.algorithms.functional import (
+    aggregate,
     adaptive_kl_coef,
     clipped_policy_loss,
     clipped_value_loss,
@@ -16,7 +17,7 @@ from lightning_ipa.algorithms.functional import (
     token_rewards,
     whiten,
 )
-from lightning_ipa.types import Experience, PolicyEval, Rollout
+from lightning_ipa.types import Experience, PolicyOutput, Responses, Rollout
 
 
 def test_token_rewards_put_the_score_on_the_last_real_token():
@@ -101,32 +102,33 @@ def fake_rollout(batch=8, length=5, vocab=11, hidden=6) -> Rollout:
     return Rollout(prompt, prompt, ids, mask, logprobs, reference, kl, base, torch.randn(batch, length, hidden))
 
 
-def test_ppo_prepare_and_loss_at_the_sampling_policy():
+def test_ppo_experience_and_loss_at_the_sampling_policy():
     ppo = PPO(kl_coef=0.5, kl_target=1.0, kl_horizon=100)
     ppo.setup(SimpleNamespace(hidden_size=6))
     rollout = fake_rollout()
-    experience = ppo.prepare(rollout, torch.linspace(0, 1, 8))
+    experience = ppo.make_experience(rollout, torch.linspace(0, 1, 8))
+    ppo.control_kl(rollout)
     mask = rollout.response_mask
     assert torch.allclose(experience.values, torch.zeros_like(mask, dtype=torch.float))  # zero-initialised critic
     assert (experience.advantages[mask == 0] == 0).all() and (experience.returns[mask == 0] == 0).all()
     assert ppo.kl_coef != 0.5  # adaptive coefficient moved
-    out = ppo.loss(PolicyEval(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden, rollout.kl), experience)
+    out = ppo.loss(PolicyOutput(rollout.logprobs, torch.ones_like(rollout.logprobs), rollout.hidden, rollout.kl), experience)
     assert abs(out.stats["policy"]) < 1e-5  # ratio 1: −mean(whitened advantages) = 0
     assert out.stats["clip_fraction"] == 0
     returns = experience.returns[mask.bool()]
     assert torch.isclose(out.stats["value"], 0.5 * returns.pow(2).mean())
 
 
-def test_rloo_prepare_and_loss():
+def test_rloo_experience_and_loss():
     rloo = RLOO(samples_per_prompt=4, kl_coef=0.0, kl_loss_coef=0.1)
     rollout = fake_rollout()
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
-    experience = rloo.prepare(rollout, scores)
+    experience = rloo.make_experience(rollout, scores)
     mask = rollout.response_mask
     expected = leave_one_out_advantages(scores, 4)[:, None] * mask
     assert torch.allclose(experience.advantages, expected)
     kl = torch.rand_like(rollout.logprobs) * mask
-    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
+    out = rloo.loss(PolicyOutput(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
     assert torch.isclose(out.loss, (-expected + 0.1 * kl).sum() / mask.sum())  # ratio 1: −mean(A) + β·mean(KL)
     assert torch.isclose(out.stats["kl"], kl.sum() / mask.sum())
 
@@ -142,13 +144,13 @@ def test_the_exact_kl_penalty_brings_its_direct_gradient_into_the_loss(estimator
     rloo = RLOO(samples_per_prompt=4, kl_coef=0.1, kl_estimator=estimator)
     rollout = fake_rollout()
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
-    experience = rloo.prepare(rollout, scores)
+    experience = rloo.make_experience(rollout, scores)
     mask = rollout.response_mask
     penalty = rollout.kl if estimator == "full" else rollout.logprobs - rollout.ref_logprobs
     returns = scores - 0.1 * (penalty * mask).sum(-1)
     assert torch.allclose(experience.advantages, leave_one_out_advantages(returns, 4)[:, None] * mask)
     kl = torch.rand_like(rollout.logprobs) * mask
-    out = rloo.loss(PolicyEval(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
+    out = rloo.loss(PolicyOutput(rollout.logprobs, torch.zeros_like(rollout.logprobs), rollout.hidden, kl), experience)
     direct = 0.1 * kl.sum() / mask.sum() if estimator == "full" else 0.0
     assert rloo.needs_exact_kl == (estimator == "full")
     assert torch.isclose(out.loss, (-experience.advantages).sum() / mask.sum() + direct)
@@ -162,11 +164,11 @@ def test_rloo_needs_two_samples():
 def test_minibatches_cover_each_epoch_once():
     ppo = PPO(epochs=2, minibatch_size=3)
     ppo.setup(SimpleNamespace(hidden_size=6))
-    experience = ppo.prepare(fake_rollout(batch=8), torch.zeros(8))
+    experience = ppo.make_experience(fake_rollout(batch=8), torch.zeros(8))
     batches = list(ppo.minibatches(experience))
     assert [len(b.advantages) for b in batches] == [3, 3, 2, 3, 3, 2]
-    first_epoch = torch.cat([b.rollout.hidden[:, 0, 0] for b in batches[:3]])
-    assert torch.allclose(first_epoch.sort().values, experience.rollout.hidden[:, 0, 0].sort().values)
+    first_epoch = torch.cat([b.samples.hidden[:, 0, 0] for b in batches[:3]])
+    assert torch.allclose(first_epoch.sort().values, experience.samples.hidden[:, 0, 0].sort().values)
 
 
 def test_reward_quantiles_against_hand_computed_values():
@@ -191,47 +193,89 @@ def test_pool_keeps_the_newest_samples_and_aligns_their_padding():
     assert pool.data["prompt_ids"].tolist() == [[0, 2, 3], [0, 0, 4], [11, 12, 13], [0, 0, 14]]  # left-padded to 3
     assert pool.data["response_ids"].tolist() == [[6, 7, 8], [9, 0, 0], [15, 16, 0], [17, 0, 0]]  # right-padded to 3
     assert torch.equal(pool.data["prompt_mask"], (pool.data["prompt_ids"] > 0).long())
-    replay = pool.rollout(torch.tensor([1, 3]), torch.tensor([4, 0]), torch.device("cpu"))
+    replay = pool.replay(torch.tensor([1, 3]), torch.tensor([4, 0]), torch.device("cpu"))
     assert replay.prompt_ids.tolist() == [[4], [14]] and replay.response_ids.tolist() == [[9], [17]]  # all-padding columns dropped
-    assert replay.control.tolist() == [4, 0] and replay.logprobs is None and replay.base_logprobs is None
+    assert replay.control.tolist() == [4, 0] and isinstance(replay, Responses)  # tokens only
     again = DataPool(capacity=4)
     again.load_state_dict(pool.state_dict())
     assert all(torch.equal(again.data[k], pool.data[k]) for k in pool.data) and torch.equal(again.rewards, pool.rewards)
 
 
-def test_quark_prepare_draws_from_the_pool_with_each_samples_quantile():
+def test_quark_experience_draws_from_the_pool_with_each_samples_quantile():
     quark = Quark(quantiles=2, pool_size=6)
     quark.pool.add(pool_rollout([[1]] * 4, [[2]] * 4), torch.tensor([0.0, 10.0, 20.0, 30.0]))
     rollout = fake_rollout(batch=4)
-    experience = quark.prepare(rollout, torch.tensor([15.0, 25.0, 5.0, 35.0]))
+    experience = quark.make_experience(rollout, torch.tensor([15.0, 25.0, 5.0, 35.0]))
     assert len(quark.pool) == 6 and quark.pool.rewards.tolist() == [20.0, 30.0, 15.0, 25.0, 5.0, 35.0]
-    drawn = experience.rollout
+    drawn = experience.samples
     assert drawn.response_ids.shape[0] == 4  # as many pool samples as the rollout had
     expected = {20.0: 1, 30.0: 0, 15.0: 1, 25.0: 0, 5.0: 1, 35.0: 0}  # top half of the pool: quantile 0
     pool_responses = quark.pool.data["response_ids"]
     for row in range(4):
         index = next(i for i in range(6) if torch.equal(pool_responses[i, : drawn.response_ids.shape[1]], drawn.response_ids[row]))
         assert drawn.control[row] == expected[quark.pool.rewards[index].item()]
-    assert quark.metrics()["best_quantile_min_reward"] == 25.0
+    assert quark.stats()["best_quantile_min_reward"] == 25.0
 
 
 def test_quark_metrics_while_the_best_quantile_is_empty():
     quark = Quark(quantiles=5, pool_size=10)
     quark.pool.add(pool_rollout([[1], [2]], [[3], [4]]), torch.tensor([0.5, 0.7]))  # N = 2 < 5: all in the worst quantile
-    assert set(quark.metrics()) == {"kl_coef", "pool_size"}
+    assert set(quark.stats()) == {"kl_loss_coef", "pool_size"}
     quark.pool.add(pool_rollout([[1], [2], [3]], [[3], [4], [5]]), torch.tensor([0.1, 0.9, 0.2]))
-    assert quark.metrics()["best_quantile_min_reward"] == 0.9  # N = 5: one per quantile
+    assert quark.stats()["best_quantile_min_reward"] == 0.9  # N = 5: one per quantile
 
 
 def test_quark_loss_against_hand_computed_values():
-    quark = Quark(kl_coef=0.05, entropy_coef=0.06)
+    quark = Quark(kl_loss_coef=0.05, entropy_coef=0.06)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
     entropy = torch.tensor([[2.0, 4.0, 9.0], [3.0, 9.0, 9.0]])
     kl = torch.tensor([[0.3, 0.6, 9.0], [0.9, 9.0, 9.0]])
     experience = Experience(pool_rollout([[1], [1]], [[1, 1, 0], [1, 0, 0]]))
-    out = quark.loss(PolicyEval(logprobs, entropy, torch.zeros(2, 3, 6), kl), experience)
+    out = quark.loss(PolicyOutput(logprobs, entropy, torch.zeros(2, 3, 6), kl), experience)
     # over the 3 real tokens: NLL 6/3 = 2, KL 1.8/3 = 0.6, entropy 9/3 = 3
     assert torch.isclose(out.loss, torch.tensor(2.0 + 0.05 * 0.6 - 0.06 * 3.0))
     assert {k: round(v.item(), 6) for k, v in out.stats.items()} == {"nll": 2.0, "kl": 0.6, "entropy": 3.0}
     assert quark.needs_exact_kl
+
+
+def test_loss_aggregation_modes_against_verl_agg_loss():
+    """``aggregate`` is verl's ``agg_loss`` (verl/trainer/ppo/core_algos.py): token-mean, seq-mean-token-mean,
+    seq-mean-token-sum, computed by hand on two responses of 2 and 1 tokens."""
+    values = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate(values, mask, "token-mean") == 6.0 / 3  # every token weighs the same
+    assert aggregate(values, mask, "seq-mean-token-mean") == (1.5 + 3.0) / 2  # every response weighs the same
+    assert aggregate(values, mask, "seq-mean-token-sum") == (3.0 + 3.0) / 2
+    with pytest.raises(ValueError, match="unknown loss_agg_mode 'sum'"):
+        aggregate(values, mask, "sum")
+    with pytest.raises(ValueError, match="unknown loss_agg_mode 'seq-mean'"):
+        RLOO(loss_agg_mode="seq-mean")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_every_loss_term_is_aggregated_by_the_setting(mode):
+    """RLOO's policy, entropy and KL terms and Quark's NLL are each aggregated by ``loss_agg_mode``."""
+    rollout = fake_rollout()
+    rloo = RLOO(samples_per_prompt=4, kl_coef=0.0, kl_loss_coef=0.1, entropy_coef=0.01, loss_agg_mode=mode)
+    experience = rloo.make_experience(rollout, torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0]))
+    mask, entropy = rollout.response_mask, torch.rand_like(rollout.logprobs)
+    out = rloo.loss(PolicyOutput(rollout.logprobs, entropy, rollout.hidden, rollout.kl), experience)
+    policy = aggregate(-experience.advantages, mask, mode)  # ratio 1: the surrogate is −A per token
+    expected = policy - 0.01 * aggregate(entropy, mask, mode) + 0.1 * aggregate(rollout.kl, mask, mode)
+    assert torch.isclose(out.loss, expected, atol=1e-6)
+    quark = Quark(loss_agg_mode=mode)
+    out = quark.loss(PolicyOutput(rollout.logprobs, entropy, rollout.hidden, rollout.kl), Experience(rollout))
+    assert torch.isclose(out.stats["nll"], aggregate(-rollout.logprobs, mask, mode))
+
+
+def test_quark_names_its_kl_term_and_refuses_a_reward_penalty():
+    """Every algorithm: ``kl_coef`` is the KL penalty in the reward, ``kl_loss_coef`` the KL term in the loss. Quark has
+    no return: its KL is the loss term, and ``kl_target`` adapts that one."""
+    quark = Quark(kl_loss_coef=0.05, kl_target=0.01, kl_horizon=10)
+    assert quark.kl_coef == 0 and quark.kl_loss_coef == 0.05 and quark.needs_exact_kl
+    rollout = fake_rollout(batch=4)
+    quark.control_kl(rollout)  # the rollout's KL is above the target: the loss term's weight rises
+    assert quark.kl_loss_coef > 0.05 and quark.kl_coef == 0
+    with pytest.raises(TypeError, match="Quark got kl_coef: it has no return"):
+        Quark(kl_coef=0.05)

@@ -16,9 +16,9 @@ import torch
 from lightning import Trainer
 
 from lightning_ipa import RemoteBase
-from lightning_ipa.callbacks import write_text_atomic
 from lightning_ipa.cli import CONF, DEFAULT_CONFIG, main
 from lightning_ipa.data import EpochShuffle
+from lightning_ipa.io import write_text_atomic
 from tasks.quickstart import ConceptCoverage
 from tests.test_cli import ROOT, scalars, tiny_args
 from tests.test_remote import FaultyServer

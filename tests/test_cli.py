@@ -164,12 +164,12 @@ def test_quark_runs_the_quickstart_config_and_resumes_its_pool(tiny_llama, tmp_p
     settings = ["--model.algorithm.init_args.pool_size=20", "--model.algorithm.init_args.kl_target=0.5", "--model.algorithm.init_args.kl_horizon=20"]
     first = main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings)])
     saved = first.model.algorithm
-    assert len(saved.pool) == 16 and saved.kl_coef != 0.05  # 2 rollouts of 2 prompts × 4 samples; the KL coefficient adapted
+    assert len(saved.pool) == 16 and saved.kl_loss_coef != 0.05  # 2 rollouts of 2 prompts × 4 samples; the KL coefficient adapted
     with pytest.raises(SystemExit, match="at rollout 2, and --model.max_rollouts is 2: nothing to train"):  # a finished run is not resumed
         main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"])
     # the checkpoint restores the pool and the KL coefficient; then training goes on from it
     restored = main(["validate", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 2, *settings), "--ckpt_path", "last"]).model.algorithm
-    assert restored is not saved and restored.kl_coef == saved.kl_coef
+    assert restored is not saved and restored.kl_loss_coef == saved.kl_loss_coef
     assert all(torch.equal(saved.pool.data[k], restored.pool.data[k]) for k in saved.pool.data)
     assert torch.equal(saved.pool.rewards, restored.pool.rewards)
     main(["fit", *with_algorithm("quark"), *tiny_args(tiny_llama, tmp_path, 4, *settings), "--ckpt_path", "last"])

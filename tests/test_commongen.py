@@ -18,7 +18,7 @@ from lightning_ipa.metrics import Samples
 from lightning_ipa.rewards import ClassifierReward, ComposedReward, PerplexityFluency, Reward
 from tasks.commongen import CommonGenDataModule, CommonGenEvaluation, Coverage
 from tasks.commongen.data import ORDERED_TEMPLATE, UNORDERED_TEMPLATE
-from tasks.quickstart.data import NOUNS, VERBS
+from tasks.concepts import NOUNS, VERBS
 from test_cli import ROOT, read_test_results, tiny_args
 
 SHIPPED = ROOT / "tasks" / "commongen" / "offline_concepts.jsonl"
@@ -236,7 +236,7 @@ def test_coverage_as_ipa_computes_it(concepts, response, ordered, unordered, old
 
 
 def test_ipa_tokens_and_lemmas():
-    from tasks.quickstart.reward import ipa_lemma, ipa_tokens
+    from tasks.concepts import ipa_lemma, ipa_tokens
 
     # spaCy's pieces of each whitespace token (the same pipeline as above)
     assert ipa_tokens('(The dog) chewed "bones"! A sand-castle; the dog\'s bone...') == [
@@ -258,7 +258,8 @@ def test_stand_in_keeps_a_capitalised_base_form_as_spacy_keeps_a_proper_noun():
 
 
 def test_quickstart_reward_keeps_the_lenient_matching():
-    from tasks.quickstart.reward import ConceptCoverage, coverage
+    from tasks.concepts import coverage
+    from tasks.quickstart.reward import ConceptCoverage
 
     meta, responses = [{"concepts": ["dog", "run"]}, {"concepts": ["leaf", "fall"]}], ["Dog runs", "The leaves fall."]
     assert ConceptCoverage()(["p"] * 2, responses, meta)["coverage"].tolist() == [1.0, 1.0]  # as before
@@ -402,7 +403,7 @@ def test_paper_config_instantiates_with_tiny_models_in_the_hub_cache(tmp_path):
         " 'adapter_layers': len(m.policy.adapter.body.h),"
         " 'parts': {k: type(v).__name__ for k, v in parts.items()}, 'ordered': parts['coverage'].ordered, 'label': parts['fluency'].label,"
         " 'combine': m.reward.combine, 'evaluation': type(m.evaluation).__name__, 'metrics': sorted(m.evaluation.metrics(m.reward.names)),"
-        " 'algorithm': type(m.algorithm).__name__, 'quantiles': m.algorithm.quantiles, 'kl': float(m.algorithm.kl_coef),"
+        " 'algorithm': type(m.algorithm).__name__, 'quantiles': m.algorithm.quantiles, 'kl': float(m.algorithm.kl_loss_coef),"
         " 'lr': m.hparams.lr,"
         " 'top_p': [m.policy.sampling.top_p, m.hparams.rollout_top_p], 'min_new': m.policy.sampling.min_new_tokens,"
         " 'source': d.hparams.source, 'ordered_prompt': d.hparams.ordered,"

@@ -187,7 +187,7 @@ def test_gemma_stops_at_end_of_turn_with_its_chat_template(gemma_chat):
     policy = TailoredPolicy(base, adapter, sampling=Sampling(max_new_tokens=8, min_new_tokens=3))
     prompts = policy.encode(["What is the capital of France?", "Say hello."])
     assert prompts.ids[0, -3:].tolist() == base.tokenizer("<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
-    rollout = policy.sample(prompts, generator=torch.Generator().manual_seed(0), for_training=False)
+    rollout = policy.generate(prompts, generator=torch.Generator().manual_seed(0))
     # stop tokens are banned for the first 3 tokens; then <end_of_turn> is certain and ends every response
     assert rollout.response_mask.sum(-1).tolist() == [4, 4] and rollout.response_ids[:, 3].tolist() == [END_OF_TURN] * 2
     assert not (rollout.response_ids[:, :3] == END_OF_TURN).any() and policy.ended(rollout.response_ids, rollout.response_mask).all()

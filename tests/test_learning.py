@@ -20,7 +20,7 @@ import torch
 from lightning import Trainer, seed_everything
 
 from lightning_ipa import PPO, RLOO, AdapterConfig, Algorithm, Evaluation, IPAModule, LocalBase, PromptDataModule, Quark, Reward, Sampling
-from tasks.quickstart.data import NOUNS, VERBS
+from tasks.concepts import NOUNS, VERBS
 from tests.model_families import save_tiny_gpt2
 
 DIGITS = frozenset("0123456789")
@@ -101,7 +101,7 @@ CASES = {
     # entropy 0.06, the control code added to every token. Quark learns from a pool that stays mostly the base's samples,
     # so it needs more rollouts than RLOO and PPO.
     "quark": Case(
-        lambda: Quark(quantiles=5, pool_size=4096, samples_per_prompt=4, epochs=2, minibatch_size=16, kl_coef=0.05,
+        lambda: Quark(quantiles=5, pool_size=4096, samples_per_prompt=4, epochs=2, minibatch_size=16, kl_loss_coef=0.05,
                       entropy_coef=0.06, control="every_token"),
         rollouts=60, min_rise=0.3,
         first_rollout=[

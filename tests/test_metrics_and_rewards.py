@@ -7,8 +7,8 @@ import torch
 from lightning_ipa import IPAModule, LocalBase
 from lightning_ipa.metrics import BLEU, ROUGE, CorpusDistinctN, DistinctN, Samples, ShareOfSamplesAbove, distinct_ratio
 from lightning_ipa.rewards import ClassifierReward, CoherenceReward, ComposedReward, PerplexityFluency, Reward
+from tasks.concepts import coverage
 from tasks.quickstart import ConceptCoverage, ConceptsDataModule
-from tasks.quickstart.reward import coverage
 
 
 def texts(*responses: str, k: int = 1) -> Samples:

@@ -120,7 +120,7 @@ def test_sampling_decodes_ends_at_stop_tokens_and_runs_the_base_once_per_token(z
         assert text == base.tokenizer.decode(row[keep], skip_special_tokens=True)
         assert not any(special in text for special in base.tokenizer.all_special_tokens)
     # the loss re-scores the very distribution that was sampled, without running the base again
-    evaluated = policy.evaluate(rollout, with_kl=True)
+    evaluated = policy(rollout, with_kl=True)
     assert torch.allclose(evaluated.logprobs, rollout.logprobs, atol=1e-4)
     assert torch.allclose(evaluated.kl, rollout.kl, atol=1e-4)
     assert base.forward_count == ids.shape[1]
@@ -133,7 +133,7 @@ def test_alpha_zero_greedy_decoding_matches_hf_generate(zoo, family):
     policy = make_policy(path, family, Sampling(max_new_tokens=8, top_k=1), alpha=0.0)
     prompts = policy.encode(PROMPTS)
     assert (prompts.mask == 0).any()  # really left-padded
-    ours = policy.sample(prompts, use_adapter=False)
+    ours = policy.generate(prompts, use_adapter=False)
     lm = AutoModelForCausalLM.from_pretrained(path)
     suppress = [] if policy.pad_id in policy.base.stop_ids else [policy.pad_id]  # the policy never samples padding
     theirs = lm.generate(prompts.ids, attention_mask=prompts.mask, do_sample=False, max_new_tokens=8, min_new_tokens=1,
@@ -249,7 +249,7 @@ def test_a_prompt_longer_than_the_window_is_cut_or_refused(zoo, family, long_pro
     assert torch.equal(prompts.ids[1][prompts.mask[1].bool()], short_ids)  # the short one whole
     rollout = policy.sample(prompts, torch.Generator().manual_seed(0))
     assert rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1] <= window
-    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-4)  # the loss's pass fits too
+    assert torch.allclose(policy(rollout).logprobs, rollout.logprobs, atol=1e-4)  # the loss's pass fits too
 
 
 def test_a_fit_step_cuts_long_prompts_and_logs_the_count(zoo, family):
@@ -287,7 +287,7 @@ def test_a_top_k_base_whose_support_is_eos_alone_ends_instead_of_failing(zoo, fa
     assert (rollout.response_ids[:, 0] == eos).all() and rollout.response_ids.shape[1] == 1
     assert policy.ended(rollout.response_ids, rollout.response_mask).all()
     assert torch.equal(rollout.logprobs, torch.zeros_like(rollout.logprobs))  # the whole support: probability 1
-    evaluated = policy.evaluate(rollout, with_kl=True)
+    evaluated = policy(rollout, with_kl=True)
     assert torch.allclose(evaluated.logprobs, rollout.logprobs, atol=1e-5)
     assert torch.isfinite(evaluated.entropy).all() and torch.isfinite(evaluated.kl).all() and torch.isfinite(rollout.kl).all()
 

@@ -371,8 +371,8 @@ def test_paper_config_instantiates_with_hub_models_served_from_a_local_cache(tmp
         " 'fluency_layers': r.parts['fluency'].perplexity.lm.config.n_layer, 'max_ppl': r.parts['fluency'].max_perplexity,"
         " 'evaluation': type(m.evaluation).__name__, 'eval_fluency_layers': m.evaluation.fluency.lm.config.n_layer,"
         " 'embedder_dim': m.evaluation.embedder.model.get_sentence_embedding_dimension(), 'k': m.evaluation.samples_per_prompt,"
-        " 'metrics': sorted(m.metrics['test_tailored']), 'algorithm': type(m.algorithm).__name__,"
-        " 'kl': round(float(m.algorithm.kl_coef), 6),"
+        " 'metrics': sorted(m.evaluation.stage_metrics['test_tailored']), 'algorithm': type(m.algorithm).__name__,"
+        " 'kl': round(float(m.algorithm.kl_loss_coef), 6),"
         " 'data': {k: d.hparams[k] for k in ('source', 'prompt_field', 'reference_field', 'prompt_words', 'reference_words',"
         " 'test_size')}}))\n"
     )

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lightning_ipa.policy import NUCLEUS_CANDIDATES, kl_divergence, truncate
-from lightning_ipa.types import position_ids
+from lightning_ipa.types import Responses, position_ids
 
 PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
 
@@ -117,7 +117,7 @@ def test_rollout_kl_is_the_exact_kl_and_never_negative(policy_factory, top_p):
 
     The sampled log-ratio log π(x) − log p_base(x) of tokens drawn through a top-p filter (what
     ``train/kl`` logged before) is negative here, although π is far from the base. ``Rollout.kl`` is the
-    exact per-position KL(π ‖ base): ≥ 0, equal to what the loss computes (``evaluate(with_kl=True)``),
+    exact per-position KL(π ‖ base): ≥ 0, equal to what the loss computes (``policy(rollout, with_kl=True)``),
     and, for unfiltered rollouts, equal in the mean to the Monte-Carlo sequence KL (trl's k1 estimator).
     """
     policy = policy_factory(head="projection", top_p=top_p, max_new_tokens=8, min_new_tokens=8)
@@ -127,7 +127,7 @@ def test_rollout_kl_is_the_exact_kl_and_never_negative(policy_factory, top_p):
     mask = rollout.response_mask
     exact = rollout.kl.sum(-1)  # [B] what train/kl averages
     with torch.no_grad():
-        assert torch.allclose(rollout.kl, policy.evaluate(rollout, with_kl=True).kl, atol=1e-4)
+        assert torch.allclose(rollout.kl, policy(rollout, with_kl=True).kl, atol=1e-4)
     assert (rollout.kl >= 0).all() and exact.mean() > 5.0
     log_ratio = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)  # k1
     if top_p < 1:
@@ -150,7 +150,7 @@ def test_alpha_zero_is_the_base_distribution(policy_factory):
 
     # and sampling draws the very tokens the base alone draws with the same seed
     with_adapter = policy.sample(prompts, torch.Generator().manual_seed(3))
-    base_only = policy.sample(prompts, torch.Generator().manual_seed(3), use_adapter=False)
+    base_only = policy.generate(prompts, torch.Generator().manual_seed(3), use_adapter=False)
     assert torch.equal(with_adapter.response_ids, base_only.response_ids)
 
 
@@ -175,9 +175,9 @@ def test_zero_head_starts_exactly_at_the_base(policy_factory):
     policy = policy_factory(alpha=1.0, head="zeros")
     prompts = policy.base.encode(PROMPTS)
     a = policy.sample(prompts, torch.Generator().manual_seed(0))
-    b = policy.sample(prompts, torch.Generator().manual_seed(0), use_adapter=False)
+    b = policy.generate(prompts, torch.Generator().manual_seed(0), use_adapter=False)
     assert torch.equal(a.response_ids, b.response_ids)
-    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert torch.allclose(a.logprobs, a.ref_logprobs, atol=1e-4)  # the tailored policy's log-probs are the base's
     assert a.kl.abs().max() < 1e-4
 
 
@@ -187,7 +187,7 @@ def test_base_runs_once_per_generated_token(policy_factory):
     rollout = policy.sample(policy.base.encode(PROMPTS))
     assert rollout.response_ids.shape[1] == 9
     assert policy.base.forward_count == 9
-    policy.evaluate(rollout)  # the loss re-uses the rollout's base log-probs
+    policy(rollout)  # the loss re-uses the rollout's base distributions
     assert policy.base.forward_count == 9
 
 
@@ -197,7 +197,7 @@ def test_left_padded_batch_equals_each_row_alone(policy_factory):
         policy.adapter.head.weight.mul_(0.5)
     batch = policy.sample(policy.base.encode(PROMPTS))
     assert (batch.prompt_mask == 0).any()  # really padded
-    evaluated = policy.evaluate(batch)
+    evaluated = policy(batch)
     for i, prompt in enumerate(PROMPTS):
         single = policy.sample(policy.base.encode([prompt]))
         n = int(single.response_mask.sum())
@@ -216,10 +216,10 @@ def test_k_samples_per_prompt_read_each_prompt_once(policy_factory):
     assert torch.equal(shared.response_ids, repeated.response_ids)
     assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
     assert torch.allclose(shared.ref_logprobs, repeated.ref_logprobs, atol=1e-5)
-    assert torch.allclose(policy.evaluate(shared).logprobs, shared.logprobs, atol=1e-4)
-    evaluation = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(5), samples_per_prompt=3, for_training=False)
+    assert torch.allclose(policy(shared).logprobs, shared.logprobs, atol=1e-4)
+    evaluation = policy.generate(policy.base.encode(PROMPTS), torch.Generator().manual_seed(5), samples_per_prompt=3)
     assert torch.equal(evaluation.response_ids, shared.response_ids)  # the same draws, without the [B, T, V] tensors
-    assert evaluation.base_logprobs is None and evaluation.hidden is None
+    assert isinstance(evaluation, Responses)
 
 
 @pytest.mark.parametrize("block_tokens", [None, 4])  # None: one block; 4: the loss is scored 4 tokens at a time
@@ -228,7 +228,7 @@ def test_rollout_log_probs_equal_the_training_loss_log_probs(policy_factory, mon
     if block_tokens:
         monkeypatch.setattr("lightning_ipa.policy.EVALUATE_BLOCK", block_tokens * policy.base.vocab_size)
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(1))
-    evaluated = policy.evaluate(rollout)
+    evaluated = policy(rollout)
     assert torch.allclose(evaluated.logprobs, rollout.logprobs, atol=1e-4)
     assert torch.isfinite(evaluated.entropy).all() and (evaluated.entropy[rollout.response_mask.bool()] > 0).all()
     assert (evaluated.logprobs[~rollout.response_mask.bool()] == 0).all()
@@ -240,11 +240,11 @@ def test_loss_kl_is_the_exact_kl_of_the_full_distributions(policy_factory, head_
     nn.init.normal_(policy.adapter.head.weight, std=head_std)
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(2))
     steps = torch.arange(rollout.response_ids.shape[1])[None]  # [1, T], broadcast over rows
-    tailored = policy.distribution(rollout.base_logprobs, policy.adapter.head(rollout.hidden), steps)
-    base = policy.distribution(rollout.base_logprobs, None, steps)
+    tailored = policy.distribution(rollout.ref_distribution, policy.adapter.head(rollout.hidden), steps)
+    base = policy.distribution(rollout.ref_distribution, None, steps)
     expected = torch.where(tailored.isfinite(), tailored.exp() * (tailored - base), 0.0).sum(-1) * rollout.response_mask
-    kl = policy.evaluate(rollout, with_kl=True).kl
-    assert policy.evaluate(rollout).kl is None  # computed only when asked for
+    kl = policy(rollout, with_kl=True).kl
+    assert policy(rollout).kl is None  # computed only when asked for
     assert torch.allclose(kl, expected, atol=1e-5)
     assert (kl >= -1e-6).all() and (kl[rollout.response_mask == 0] == 0).all()
     assert (kl.max() > 0.1) if head_std else (kl.abs().max() < 1e-6)
@@ -289,7 +289,7 @@ def test_min_new_tokens_bans_eos_in_sampling_and_loss(policy_factory):
     rollout = policy.sample(policy.base.encode(PROMPTS * 4), torch.Generator().manual_seed(0))
     lengths = rollout.response_mask.sum(-1)
     assert lengths.min() == 5  # 4 tokens, then EOS as soon as allowed (as in HF), never before
-    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-4)
+    assert torch.allclose(policy(rollout).logprobs, rollout.logprobs, atol=1e-4)
 
 
 def test_the_base_is_frozen(policy_factory):
@@ -322,20 +322,22 @@ def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_fac
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
     base_alone = policy.base.response_logprobs(ids, mask, rollout.prompt_ids.shape[1])
     real = rollout.response_mask.bool()
-    assert torch.allclose(rollout.base_logprobs[real], base_alone[real], atol=1e-4)
+    assert torch.allclose(rollout.ref_distribution[real], base_alone[real], atol=1e-4)
     # the adapter's cached sampling pass and its full-sequence pass agree with the code; another code differs
-    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-4)
-    other = policy.evaluate(rollout._replace(control=torch.tensor([2, 2, 2]))).logprobs
+    assert torch.allclose(policy(rollout).logprobs, rollout.logprobs, atol=1e-4)
+    other = policy(rollout._replace(control=torch.tensor([2, 2, 2]))).logprobs
     assert (other - rollout.logprobs)[real].abs().max() > 1e-3
 
 
-def test_a_replayed_rollout_gets_the_bases_log_probs_in_one_pass(policy_factory):
+def test_replayed_responses_are_read_by_the_base_in_one_pass(policy_factory):
     policy = policy_factory(head="zeros", max_new_tokens=8)
     nn.init.normal_(policy.adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(4))
-    assert policy.with_base_logprobs(rollout) is rollout  # sampled now: nothing to compute
-    replayed = policy.with_base_logprobs(rollout._replace(logprobs=None, ref_logprobs=None, kl=None, base_logprobs=None, hidden=None))
-    real = rollout.response_mask.bool()
-    assert torch.allclose(replayed.base_logprobs[real], rollout.base_logprobs[real], atol=1e-4)
-    fresh, replay = policy.evaluate(rollout, with_kl=True), policy.evaluate(replayed, with_kl=True)
+    replayed = Responses(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.control)
+    reads, read = [], policy.base.response_logprobs
+    policy.base.response_logprobs = lambda *args: reads.append(args[0].shape) or read(*args)
+    fresh = policy(rollout, with_kl=True)
+    assert reads == []  # sampled now: the rollout brings the base's distributions
+    replay = policy(replayed, with_kl=True)
+    assert reads == [torch.Size([3, rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]])]  # replayed: one pass
     assert torch.allclose(replay.logprobs, fresh.logprobs, atol=1e-4) and torch.allclose(replay.kl, fresh.kl, atol=1e-4)

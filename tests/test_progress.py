@@ -77,7 +77,7 @@ def test_fit_ends_with_the_run_its_held_out_table_and_commands_that_work(tiny_ll
     assert summary[1] == "Held-out, after rollout 4:" and summary[2].split() == ["metric", "base", "tailored", "change"]
     last = {tag: values[-1] for tag, values in scalars(tmp_path / "runs" / "quickstart" / "version_0").items()}
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in summary[3:] if line.startswith("  ")}
-    assert set(rows) == {"reward", "coverage", "fluency", "distinct_2", "corpus_distinct_2"}
+    assert set(rows) == {"reward", "coverage", "no_repetition", "distinct_2", "corpus_distinct_2"}
     for metric, (base, tailored, change) in rows.items():  # the last validation's numbers, as TensorBoard has them
         assert base == pytest.approx(last[f"val/{metric}/base"], abs=5e-4), metric
         assert tailored == pytest.approx(last[f"val/{metric}/tailored"], abs=5e-4), metric

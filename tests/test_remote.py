@@ -208,8 +208,8 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
     real = b.response_mask.bool()
-    assert (b.base_logprobs[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
-    assert torch.allclose(far.evaluate(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
+    assert (b.ref_distribution[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
+    assert torch.allclose(far(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
     # one request per prompt for the first token (its k samples share it), then one per row for each further token
     assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
 
@@ -220,7 +220,7 @@ def test_a_one_token_wide_batch_is_read_once(tiny_gpt2_other_vocab):
         bases = LocalBase(tiny_gpt2_other_vocab, dtype="float32", top_k=8), RemoteBase(server.url, "tiny", tiny_gpt2_other_vocab, top_logprobs=8)
         policies = [TailoredPolicy(base, None, sampling=Sampling(max_new_tokens=4, min_new_tokens=4)) for base in bases]
         prompt = Prompts(torch.tensor([[100], [150]]), torch.ones(2, 1, dtype=torch.long))
-        local, far = (policy.sample(prompt, torch.Generator().manual_seed(4), use_adapter=False) for policy in policies)
+        local, far = (policy.sample(prompt, torch.Generator().manual_seed(4)) for policy in policies)
         assert torch.equal(local.response_ids, far.response_ids) and torch.allclose(local.logprobs, far.logprobs, atol=1e-6)
 
 

@@ -132,7 +132,7 @@ def test_min_new_tokens_bans_every_stop_id(chat_llama):
     rollout = policy.sample(base.encode(["The dog runs"] * 4), torch.Generator().manual_seed(0))
     assert rollout.response_mask.sum(-1).tolist() == [4] * 4  # 3 tokens, then <eot> as soon as it is allowed
     assert not torch.isin(rollout.response_ids[:, :3], torch.tensor([eos, eot])).any()
-    assert torch.allclose(policy.evaluate(rollout).logprobs, rollout.logprobs, atol=1e-5)
+    assert torch.allclose(policy(rollout).logprobs, rollout.logprobs, atol=1e-5)
 
 
 def test_a_pad_token_that_is_also_a_stop_token_can_be_sampled(chat_llama):
@@ -157,7 +157,7 @@ def test_a_support_of_stop_tokens_only_lets_the_stop_ban_give_way(tiny_llama):
     rollout = policy.sample(base.encode(["The dog runs", "A child"]), torch.Generator().manual_seed(0))
     assert (rollout.response_ids[:, 0] == base.tokenizer.eos_token_id).all()  # the ban on stopping early gave way
     assert torch.isfinite(rollout.logprobs).all() and torch.isfinite(rollout.kl).all()
-    evaluated = policy.evaluate(rollout, with_kl=True)
+    evaluated = policy(rollout, with_kl=True)
     assert torch.isfinite(evaluated.logprobs).all() and torch.allclose(evaluated.logprobs, rollout.logprobs)
 
 
@@ -216,7 +216,7 @@ def test_a_prompt_too_long_for_the_window_is_cut_from_the_left_when_asked(short_
     assert prompts.ids.shape[1] == 20 and prompts.ids[1].tolist() == full[-20:] and (policy.prompts_cut, policy.last_cut) == (1, 1)
     rollout = policy.sample(prompts, torch.Generator().manual_seed(0))  # 20 + 12 positions: the whole window, no index error
     assert rollout.response_mask.sum(-1).tolist() == [12, 12]
-    assert torch.isfinite(policy.evaluate(rollout).logprobs).all()
+    assert torch.isfinite(policy(rollout).logprobs).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: later cuts are counted, not warned about
         policy.encode([LONG_PROMPT] * 3)

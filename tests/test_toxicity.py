@@ -308,7 +308,7 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
         "m, d = cli.model, cli.datamodule\n"
         "print(json.dumps({'base': m.policy.base.path, 'base_layers': m.policy.base.lm.config.n_layer, 'adapter_layers': len(m.policy.adapter.body.h),"
         " 'reward': type(m.reward).__name__, 'heads': m.reward.head_index, 'fluency': m.evaluation.fluency.lm.config.n_layer,"
-        " 'k': m.evaluation.samples_per_prompt, 'algorithm': type(m.algorithm).__name__, 'kl': round(float(m.algorithm.kl_coef), 6),"
+        " 'k': m.evaluation.samples_per_prompt, 'algorithm': type(m.algorithm).__name__, 'kl': round(float(m.algorithm.kl_loss_coef), 6),"
         " 'source': d.hparams.source, 'batch': d.hparams.batch_size, 'top_p': m.hparams.rollout_top_p, 'lr': m.hparams.lr}))\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(torch_home)}

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import Adapter, ControlMode
-from ..types import Experience, LossOutput, PolicyEval, Rollout, masked_mean
-from .base import Algorithm, detached
+from ..types import Experience, LossOutput, PolicyOutput, Responses, Rollout
+from .base import Algorithm
 from .functional import reward_quantiles
 
 POOL_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
@@ -45,14 +45,14 @@ class DataPool:
             self.data[name] = joined[-self.capacity :]
         self.rewards = torch.cat([self.rewards, rewards.detach().float().cpu()])[-self.capacity :]
 
-    def rollout(self, index: Tensor, control: Tensor, device: torch.device) -> Rollout:
-        """The samples at ``index`` [N] as a replay rollout conditioned on ``control`` [N]."""
+    def replay(self, index: Tensor, control: Tensor, device: torch.device) -> Responses:
+        """The samples at ``index`` [N] as ``Responses`` to train on under the control codes ``control`` [N]."""
         prompt_ids, prompt_mask, response_ids, response_mask = (self.data[name][index] for name in POOL_FIELDS)
         prompt_start = int(prompt_mask.any(0).long().argmax())  # drop columns that are padding in every row
         response_end = int(response_mask.any(0).sum())
         fields = (prompt_ids[:, prompt_start:], prompt_mask[:, prompt_start:], response_ids[:, :response_end], response_mask[:, :response_end])
         prompt_ids, prompt_mask, response_ids, response_mask = (x.to(device) for x in fields)
-        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, None, None, None, None, None, control.to(device))
+        return Responses(prompt_ids, prompt_mask, response_ids, response_mask, control.to(device))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {**self.data, "rewards": self.rewards}
@@ -69,57 +69,57 @@ def _pad(x: Tensor, width: int, left: bool) -> Tensor:
 
 
 class Quark(Algorithm):
-    """Quark: learn to generate conditioned on the quantile of the reward a sample earned.
+    """Quark (Lu et al., NeurIPS 2022; GXimingLu/Quark): learn to generate conditioned on the quantile of the reward a
+    sample earned.
 
-    Each rollout (sampled with the best quantile's code, 0) joins a bounded pool; the pool is
-    ranked by reward into ``quantiles`` equal parts, each with a control code only the adapter
-    reads. The loss, on responses drawn from the pool, is their NLL under the tailored policy
-    given their quantile's code, plus ``kl_coef``·KL(tailored ‖ base) (exact, per token) minus
-    ``entropy_coef``·entropy. The base reads each replayed response once per rollout (``TailoredPolicy.with_base_logprobs``).
+    Each rollout (sampled with the best quantile's code, 0) joins a bounded pool; the pool is ranked by reward into
+    ``quantiles`` equal parts, each with a control code only the adapter reads. The experience is not the rollout but a
+    batch of as many samples replayed from the pool (``Responses``: tokens and their quantile's code; the base reads
+    them in ``TailoredPolicy.forward``). The loss is their NLL under the tailored policy given their quantile's code,
+    plus ``kl_loss_coef``·KL(tailored ‖ base) (exact, per token: the KL term in the loss, Quark's ``kl_coef``) minus
+    ``entropy_coef``·entropy. There is no return, so no KL penalty in the reward; ``kl_target`` adapts ``kl_loss_coef``
+    (Quark's ``adaptive_kl``).
     """
+
+    adaptive_coef = "kl_loss_coef"
 
     def __init__(
         self,
         quantiles: int = 5,
         pool_size: int = 4096,
-        samples_per_prompt: int = 1,
-        epochs: int = 1,
-        minibatch_size: Optional[int] = None,
-        kl_coef: float = 0.05,
-        kl_target: Optional[float] = None,
-        kl_horizon: int = 10000,
+        kl_loss_coef: float = 0.05,
         entropy_coef: float = 0.06,
         control: ControlMode = "prefix",
+        **kwargs,
     ):
         """
         Args:
             quantiles: Reward quantiles, one control code each (Quark's toxicity setting: 5).
             pool_size: Samples the pool keeps (the oldest are evicted first); saved in checkpoints.
-            samples_per_prompt: Responses sampled per prompt (each prompt is read once).
-            epochs: Passes over each training batch: as many pool samples as one rollout, drawn at random.
-            minibatch_size: Samples per update (None: the whole batch).
-            kl_coef: Initial weight of the mean per-token KL(tailored ‖ base), exact from the full
-                distributions (Quark: 0.05).
-            kl_target: Target KL per sequence of the rollouts for the adaptive coefficient (None: fixed).
-            kl_horizon: Horizon (samples) of the adaptive KL controller.
+            kl_loss_coef: Weight of the exact per-token KL(tailored ‖ base) in the loss (Quark: 0.05).
             entropy_coef: Weight of the entropy bonus (Quark: 0.06).
             control: How the adapter reads a quantile's code: 'prefix', one input position before the
                 prompt (Quark's control token), or 'every_token', added to every input embedding.
+            **kwargs: The arguments every algorithm takes (``Algorithm``): samples_per_prompt, epochs (passes over each
+                replayed batch), minibatch_size, kl_target and kl_horizon, loss_agg_mode.
+
+        Raises:
+            ValueError: ``quantiles`` or ``pool_size`` below 1, or an ``Algorithm`` argument out of range.
+            TypeError: ``kl_coef`` or ``kl_estimator`` (the KL penalty in the reward, which Quark has not).
         """
         if quantiles < 1 or pool_size < 1:
             raise ValueError(f"Quark needs quantiles >= 1 and pool_size >= 1, got {quantiles} and {pool_size}")
-        super().__init__(samples_per_prompt, epochs, minibatch_size, kl_coef, kl_target, kl_horizon, kl_loss_coef=0.0)
+        if penalty := sorted({"kl_coef", "kl_estimator"} & set(kwargs)):
+            raise TypeError(f"Quark got {', '.join(penalty)}: it has no return to put a KL penalty in; its KL is the term in the "
+                            "loss, kl_loss_coef (adapted towards kl_target if set)")
+        super().__init__(kl_coef=0.0, kl_estimator="full", kl_loss_coef=kl_loss_coef, **kwargs)
         self.quantiles = quantiles
         self.entropy_coef = entropy_coef
         self.control = control
         self.pool = DataPool(pool_size)
 
-    @property
-    def needs_exact_kl(self) -> bool:
-        return True
-
     def experience_size(self, prompts: int) -> tuple[int, str]:
-        """``prepare`` replays as many pool samples as a rollout has, at most ``pool_size`` (all the pool holds)."""
+        """``make_experience`` replays as many pool samples as a rollout has, at most ``pool_size`` (all the pool holds)."""
         rollout = prompts * self.samples_per_prompt
         how = f"as many as a rollout's {rollout}, {prompts} prompts × samples_per_prompt={self.samples_per_prompt}, replayed from the pool"
         bounded = f", but at most pool_size={self.pool.capacity}" if self.pool.capacity < rollout else ""
@@ -128,25 +128,27 @@ class Quark(Algorithm):
     def setup(self, adapter: Adapter) -> None:
         adapter.add_controls(self.quantiles, self.control)
 
-    def prepare(self, rollout: Rollout, scores: Tensor) -> Experience:
-        self.pool.add(rollout, scores)
-        self.update_kl_coef(rollout.kl.sum(-1).mean(), len(scores))
+    def make_experience(self, rollout: Rollout, rewards: Tensor) -> Experience:
+        """Add the rollout to the pool, rank the pool into quantiles, and replay as many random pool samples under their
+        quantile's code (``Experience.samples``: ``Responses``)."""
+        self.pool.add(rollout, rewards)
         quantiles = reward_quantiles(self.pool.rewards, self.quantiles)
-        drawn = torch.randperm(len(self.pool))[: len(scores)]
-        return Experience(self.pool.rollout(drawn, quantiles[drawn], scores.device))
+        drawn = torch.randperm(len(self.pool))[: len(rewards)]
+        return Experience(self.pool.replay(drawn, quantiles[drawn], rewards.device))
 
-    def loss(self, evaluation: PolicyEval, experience: Experience) -> LossOutput:
-        mask = experience.rollout.response_mask
-        stats = {"nll": masked_mean(-evaluation.logprobs, mask), "entropy": masked_mean(evaluation.entropy, mask), "kl": masked_mean(evaluation.kl, mask)}
-        loss = stats["nll"] + self.kl_coef * stats["kl"] - self.entropy_coef * stats["entropy"]
-        return LossOutput(loss, detached(stats))
+    def loss(self, output: PolicyOutput, minibatch: Experience) -> LossOutput:
+        """NLL − ``entropy_coef``·entropy (+ the KL term); stats ``nll``, ``entropy``, ``kl``."""
+        mask = minibatch.samples.response_mask
+        stats = {"nll": self.aggregate(-output.logprobs, mask), "entropy": self.aggregate(output.entropy, mask)}
+        return self.with_kl_term(stats["nll"] - self.entropy_coef * stats["entropy"], stats, output, mask)
 
-    def metrics(self) -> dict[str, Tensor]:
+    def stats(self) -> dict[str, Tensor]:
+        """``kl_loss_coef``, the pool's size and the lowest reward of its best quantile (once it has one)."""
         best = self.pool.rewards[reward_quantiles(self.pool.rewards, self.quantiles) == 0]
-        metrics = {**super().metrics(), "pool_size": torch.tensor(float(len(self.pool)))}
+        stats = {"kl_loss_coef": self.kl_loss_coef, "pool_size": torch.tensor(float(len(self.pool)))}
         if len(best):  # quantile 0 stays empty while the pool holds fewer samples than there are quantiles
-            metrics["best_quantile_min_reward"] = best.min()
-        return metrics
+            stats["best_quantile_min_reward"] = best.min()
+        return stats
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.pool.state_dict()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 from lightning_ipa.data import PromptDataModule, check_sizes, read_records, text_lines
-from tasks.quickstart.data import concept_sets
+from tasks.concepts import concept_sets
 
 HUB_NAME = "allenai/common_gen"
 ORDERED_TEMPLATE = "Generate a sentence including the following keywords in the same order as listed: {concepts}\n\nAnswer:"
@@ -96,7 +96,7 @@ def records(source: str, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def generated_sets(n: int, rng: random.Random, exclude: set[frozenset[str]]) -> list[ConceptSet]:
-    """n concept sets of 3 or 4 words (one verb, the rest nouns) from the quickstart's word lists, none in ``exclude``."""
+    """n concept sets of 3 or 4 words (one verb, the rest nouns) from the word lists of ``tasks.concepts``, none in ``exclude``."""
     drawn = [s for s in concept_sets(n + len(exclude), 3, rng) + concept_sets(n + len(exclude), 4, rng) if frozenset(s) not in exclude]
     rng.shuffle(drawn)
     return [{"concepts": list(s), "references": []} for s in drawn[:n]]
@@ -107,8 +107,8 @@ class CommonGenDataModule(PromptDataModule):
 
     Splits (seeded): from the hub, ``train`` trains and the ``validation`` split gives val and test (the
     hub's ``test`` split has no references); from a file, val and test come first and the rest trains.
-    With ``train_on: generated`` the training (and validation) sets are drawn from the quickstart's word
-    lists instead and the source gives the test sets only: training needs no references.
+    With ``train_on: generated`` the training (and validation) sets are drawn from the word lists of
+    ``tasks.concepts`` (the quickstart's) instead and the source gives the test sets only: training needs no references.
     """
 
     def __init__(
@@ -139,7 +139,8 @@ class CommonGenDataModule(PromptDataModule):
             template: Prompt with ``{concepts}`` (None: IPA's prompt; when not ``ordered``, its "in any order" version).
             separator: Between the concepts in the prompt (IPA: a space).
             train_on: 'source': train on the source's sets; 'generated': on concept sets drawn from the
-                quickstart's word lists (train_size of them, and val_size more for validation), testing on the source.
+                word lists of ``tasks.concepts``, the quickstart's (train_size of them, and val_size more for validation),
+                testing on the source.
             train_size: Training sets (None: all the source has; required with 'generated').
             val_size: Validation sets.
             test_size: Test sets (None: all the held-out sets left after validation; needed for a file that

@@ -4,7 +4,7 @@ IPA's reward is coverage × fluency: compose it with a fluency (``ClassifierRewa
 ``PerplexityFluency(context=None)``) through ``ComposedReward(combine="product")``.
 
 Reference: GXimingLu/IPA ``reward.py``, ``Reward._compute_coverage`` (its default, ``use_binary=False``, is the
-ordered coverage). Matching (``tasks.quickstart.reward``, ``Matching``): ``"ipa"`` by default — whitespace tokens,
+ordered coverage). Matching (``tasks.concepts``, ``Matching``): ``"ipa"`` by default — whitespace tokens,
 attached punctuation split off, one lemma per piece (spaCy there, lemminflect standing in here), case kept;
 ``"lenient"`` is our earlier, more generous convention (lower-cased words, any lemma), which scores higher.
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_ipa.metrics import words
 from lightning_ipa.rewards import Reward
-from tasks.quickstart.reward import Matching, coverage, ipa_concept_lemma, ipa_lemmas, lemmas
+from tasks.concepts import Matching, coverage, ipa_concept_lemma, ipa_lemmas, lemmas
 
 
 def ordered_coverage(concepts: list[str], text: str, matching: Matching = "ipa") -> float:
@@ -56,7 +56,7 @@ class Coverage(Reward):
 
     ``ordered``: IPA's coverage (``reward.py``, ``Reward._compute_coverage``): the longest prefix of the listed
     concepts that the response uses in that order. Unordered: the concepts used anywhere (IPA counts them in its
-    ``use_binary`` branch), over the number of concepts. ``matching``: see ``tasks.quickstart.reward``.
+    ``use_binary`` branch), over the number of concepts. ``matching``: see ``tasks.concepts``.
     """
 
     def __init__(self, ordered: bool = False, matching: Matching = "ipa"):

@@ -1,56 +1,13 @@
-"""Concept sets drawn from an embedded word list, with held-out validation sets."""
+"""Concept sets drawn from the word lists of ``tasks.concepts``, with held-out validation sets."""
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from typing import Optional
 
 from lightning_ipa.data import PromptDataModule, check_sizes, text_lines
-
-NOUNS = """
-apple baby ball beach bed bell bicycle bird boat book bottle box bread bridge brush bus cake
-camera candle car carpet cat chair cheese child clock cloud coat coffee computer cookie cow cup
-desk doctor dog door dress drum egg engine farmer fence field fish flag flower forest fork fox
-garden gate girl glass goat guitar hammer hat horse house island jacket key kitchen knife ladder
-lake lamp leaf letter lion map market mirror monkey moon mountain mouse nest newspaper ocean
-orange painter pencil phone piano picture pillow plate pocket pool potato rabbit rain river road
-rock roof rope sand sheep ship shoe singer snow soup spoon star stone street student sun table
-teacher tent ticket tiger towel tower train tree truck umbrella village violin wall watch water
-wheel window wolf
-""".split()
-
-VERBS = """
-bake build carry catch chase clean climb cook cut dance dig drink drive drop eat fill find fix fly
-fold hang hide hold jump kick kiss knock laugh lift listen open paint pick play pour pull push read
-ride run sail sell sew shake sing sit sleep smell splash stand swim throw wash watch wave write
-""".split()
-
-
-def concept_sets(n: int, size: int, rng: random.Random) -> list[tuple[str, ...]]:
-    """n distinct sets of ``size`` words: one verb and size−1 nouns, in random order.
-
-    Raises:
-        ValueError: ``size`` < 1, or more sets asked for than the word lists hold (the draw would never end).
-    """
-    verbs, nouns = set(VERBS), set(NOUNS)  # a word may be both ("watch")
-    possible = 0  # sets with a verb that is no noun, and sets of nouns only, one of them a verb too
-    if size >= 1:
-        possible = len(verbs - nouns) * math.comb(len(nouns), size - 1) + math.comb(len(nouns), size) - math.comb(len(nouns - verbs), size)
-    if n > possible:
-        raise ValueError(
-            f"{n} concept sets of {size} word{'s' * (size != 1)} asked for (train_size + val_size), but the word lists hold only "
-            f"{possible} distinct sets of one verb and {size - 1} noun{'s' * (size != 2)}: lower train_size or val_size, or raise "
-            f"concepts_per_prompt (≥ 2)"
-        )
-    sets: set[tuple[str, ...]] = set()
-    while len(sets) < n:
-        words = [rng.choice(VERBS), *rng.sample(NOUNS, size - 1)]
-        if len(set(words)) == size:
-            sets.add(tuple(sorted(words)))
-    return [tuple(rng.sample(s, size)) for s in sorted(sets)]
-
+from tasks.concepts import concept_sets
 
 SHAPES = '{"concepts": [words]}, [words] or space-separated words'
 

@@ -11,7 +11,7 @@ from profanity_check import predict_prob
 from torch import Tensor
 
 from lightning_ipa.bases import is_local_path, truncate_at_window
-from lightning_ipa.rewards import ModelReward, Reward
+from lightning_ipa.rewards import ModelReward, Reward, classifier_scores
 
 
 class DetoxifyReward(ModelReward):
@@ -71,14 +71,13 @@ class DetoxifyReward(ModelReward):
         self.freeze()
 
     def forward(self, prompts: list[str], responses: list[str], meta: list[dict[str, Any]]) -> dict[str, Tensor]:
-        device = next(self.classifier.parameters()).device
-        scores = []
-        for start in range(0, len(responses), self.batch_size):
-            inputs = self.tokenizer(responses[start : start + self.batch_size], return_tensors="pt", truncation=True, padding=True)
-            logits = self.classifier(**inputs.to(device)).logits
-            scores.append(logits[:, self.head_index].float().sigmoid())
-        toxicity = torch.cat(scores) if scores else torch.zeros(0, device=device)
+        toxicity = classifier_scores(self.classifier, self.tokenizer, responses, self.head_probability, self.batch_size)
         return {"reward": 1 - toxicity, "toxicity": toxicity}
+
+    def head_probability(self, logits: Tensor) -> Tensor:
+        """The toxicity [b], the probability of ``head``, from a classifier pass's logits [b, heads] (a sigmoid each:
+        Detoxify's heads are independent labels)."""
+        return logits[:, self.head_index].float().sigmoid()
 
 
 class ProfanityReward(Reward):
