@@ -73,7 +73,7 @@ def main() -> None:
     contenders = {
         "HF generate, base alone": hf_generate,
         "lightning_ipa, base alone": lambda: policy.generate(prompts, use_adapter=False),
-        "lightning_ipa, base + adapter": lambda: policy.sample(prompts),
+        "lightning_ipa, base + adapter": lambda: policy.generate(prompts),
     }
     with torch.inference_mode():
         for fn in contenders.values():  # warm-up

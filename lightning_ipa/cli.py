@@ -270,14 +270,16 @@ def config_name(config) -> str:
     return f"config.resume{k}.yaml"
 
 
-TRAINING_STATE = ("model.lr", "model.head_lr", "model.weight_decay", "model.lr_scheduler", "model.algorithm.kl_coef")
+TRAINING_STATE = (
+    "model.lr", "model.head_lr", "model.weight_decay", "model.lr_scheduler", "model.algorithm.kl_coef", "model.algorithm.kl_loss_coef",
+)
 
 
 def print_differences(subcommand: str, config, checkpoint: dict[str, Any]) -> None:
     """Print where the configuration given and the checkpoint's saved hyperparameters (model and data) differ.
 
     The configuration given is what runs; but ``fit`` continues the checkpoint's training state (the optimizer's
-    learning rates and weight decay, the scheduler, the adaptive KL coefficient), so those are listed apart, and
+    learning rates and weight decay, the scheduler, the KL coefficients), so those are listed apart, and
     left out for the other subcommands, which do not train.
     """
     data = config.data.get("init_args") if "init_args" in config.data else config.data

@@ -49,16 +49,12 @@ class Evaluation(Frozen):
         self.samples_per_prompt = samples_per_prompt
         self.val_samples_per_prompt = val_samples_per_prompt
         self.distinct_variant = distinct_variant
-        self.seed = 1234
-        self.num_logged_samples = 8
-        self.stage_metrics = nn.ModuleDict()
-        self.samples: list[dict[str, Any]] = []  # a few samples of the last validation, for SampleTable
-        self.generations: list[dict[str, Any]] = []  # every sample of the test, with its scores, for TestResults
-        self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's draws are fixed: drawn once per batch
+        self.stage_metrics, self.seed, self.num_logged_samples = nn.ModuleDict(), 0, 0  # setup sets them, for IPAModule's reward
+        self.samples, self.generations, self._base_samples = [], [], {}
 
     def setup(self, reward_names: Sequence[str], seed: int, num_logged_samples: int) -> None:
-        """Build the metrics of each stage and policy (``metrics``; logged as ``<stage>/<name>/<policy>``). ``IPAModule``
-        calls it once it knows the reward's parts.
+        """Build the metrics of each stage and policy (``metrics``; logged as ``<stage>/<name>/<policy>``) and start
+        afresh (no kept samples, no cached base draws). ``IPAModule`` calls it with its reward's parts and settings.
 
         Args:
             reward_names: The reward's parts (``Reward.names``), each measured beside ``reward``.
@@ -66,6 +62,9 @@ class Evaluation(Frozen):
             num_logged_samples: Validation samples kept in ``samples``.
         """
         self.seed, self.num_logged_samples = seed, num_logged_samples
+        self.samples: list[dict[str, Any]] = []  # a few samples of the last validation, for SampleTable
+        self.generations: list[dict[str, Any]] = []  # every sample of the test, with its scores, for TestResults
+        self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's draws are fixed: drawn once per batch
         self.stage_metrics = nn.ModuleDict({
             f"{stage}_{policy}": nn.ModuleDict(self.metrics(reward_names)) for stage in ("val", "test") for policy in POLICIES
         })

@@ -119,10 +119,10 @@ class IPAModule(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """One RL step on a batch of prompts (docs/architecture.md): sample → score → experience → KL control → updates → log."""
-        rollout = self.sample(batch)  # 1. k responses per prompt from base ⊗ adapter^α: the base runs once per token, here only
+        rollout = self.sample(batch)  # 1. k responses per prompt from base ⊗ adapter^α; the base runs once per token
         scores = self.score(repeat_prompts(batch, self.algorithm.samples_per_prompt), self.decode(rollout))  # 2. reward and parts [B]
         rewards = self.shaped_reward(rollout, scores["reward"])
-        experience = self.algorithm.make_experience(rollout, rewards)  # 3. advantages and returns; Quark: a batch replayed from its pool
+        experience = self.experience(rollout, rewards)  # 3. advantages and returns; Quark: a batch replayed from its pool
         self.algorithm.control_kl(rollout)  # 4. the adaptive KL coefficient, towards kl_target
         stats = [self.update(minibatch, batch_idx, i) for i, minibatch in enumerate(self.algorithm.minibatches(experience))]  # 5.
         self.log_training(rollout, scores, stats)  # 6. log the rollout and its updates, then step the learning rates
@@ -133,6 +133,15 @@ class IPAModule(LightningModule):
         nucleus ``rollout_top_p``), each prompt's in consecutive rows."""
         prompts = self.policy.encode(batch["prompt"])
         return self.policy.sample(prompts, samples_per_prompt=self.algorithm.samples_per_prompt, top_p=self.hparams.rollout_top_p)
+
+    def experience(self, rollout: Rollout, rewards: Tensor) -> Experience:
+        """The algorithm's experience (``Algorithm.make_experience``) from a rollout and its rewards [B], ready for the
+        updates: ``Responses`` replayed from a pool (Quark) are read by the base here, once per rollout
+        (``TailoredPolicy.read``); a ``Rollout`` brings the base's distributions from sampling."""
+        experience = self.algorithm.make_experience(rollout, rewards)
+        if isinstance(experience.samples, Responses):
+            experience = experience._replace(samples=self.policy.read(experience.samples))
+        return experience
 
     def decode(self, rollout: Union[Rollout, Responses]) -> list[str]:
         """Response texts (``TailoredPolicy.decode``; for rewards and logs only: training uses the token ids)."""
@@ -350,6 +359,7 @@ class IPAModule(LightningModule):
                 have, or has other shapes (say ``adapter.head`` or ``adapter.num_layers`` differ from training's): it
                 names them. Loading it leniently would leave parts untrained without a word.
         """
+        self.algorithm.upgrade_checkpoint(checkpoint["state_dict"], "algorithm.")
         self.check_fits(checkpoint["state_dict"])
         if "rng" in checkpoint:
             torch.set_rng_state(checkpoint["rng"]["torch"])

@@ -323,7 +323,7 @@ class TailoredPolicy(Frozen):
                top_p: Optional[float] = None) -> Rollout:
         """Training rollouts: ``samples_per_prompt`` = k responses per prompt from the tailored policy, with what the
         update reads from this pass (``Rollout``: log-probs under π and the base, the exact KL, the base's distributions
-        and the adapter's hidden states), so that the base runs exactly once per generated token in a whole RL step.
+        and the adapter's hidden states), so that the base runs once per generated token and never again on them.
 
         Args:
             prompts: [N, P] left-padded (``encode``); each is read once and its caches copied to k consecutive rows.
@@ -374,7 +374,7 @@ class TailoredPolicy(Frozen):
         prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
         mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
         alive = torch.ones(prompts.ids.shape[0], dtype=torch.bool, device=mask.device)
-        steps: dict[str, list[Tensor]] = {name: [] for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "ref_distribution", "hidden")}
+        steps: dict[str, list[Tensor]] = {name: [] for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "base_distribution", "hidden")}
         for t in range(s.max_new_tokens):
             logprobs = self.distribution(base_lp, self.adapter.head(hidden) if use_adapter else None, t)  # [B, V] the tailored policy π
             real = alive  # rows still generating; finished rows get padding
@@ -386,7 +386,7 @@ class TailoredPolicy(Frozen):
                 steps["logprobs"].append(_pick(logprobs, token, real))
                 steps["ref_logprobs"].append(_pick(ref_logprobs, token, real))
                 steps["kl"].append(kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else torch.zeros_like(base_lp[:, 0]))
-                steps["ref_distribution"].append(base_lp)
+                steps["base_distribution"].append(base_lp)
                 steps["hidden"].append(hidden if use_adapter else base_lp.new_zeros(len(token), 0))
             alive = real & ~self.stops[token]
             if t == s.max_new_tokens - 1 or not alive.any():
@@ -401,27 +401,35 @@ class TailoredPolicy(Frozen):
         fields = {name: torch.stack(values, dim=1) for name, values in steps.items() if values}
         return {"prompt_ids": prompts.ids, "prompt_mask": prompts.mask, **fields, "control": control}
 
-    def forward(self, samples: Union[Rollout, Responses], with_kl: bool = False) -> PolicyOutput:
-        """The tailored policy on given responses, with gradients through the adapter: what a loss reads.
+    @torch.no_grad()
+    def read(self, responses: Responses) -> Responses:
+        """``responses`` with the base's distributions at each response position (``base_distribution`` [B, T, V]): one
+        teacher-forced pass of the base over prompt + response, no generation. For responses not sampled now (Quark's
+        replays), whose distributions no sampling pass kept."""
+        ids, mask = sequence(responses)
+        return responses._replace(base_distribution=self.base.response_logprobs(ids, mask, responses.prompt_ids.shape[1]))
 
-        A ``Rollout`` brings the base's distributions from sampling (the base does not run); ``Responses`` (Quark's
-        replays) have the base read them here first, one teacher-forced pass without gradients. The output head and the
-        combination run on real response tokens only, never on padding, a block of tokens at a time.
+    def forward(self, samples: Union[Rollout, Responses], with_kl: bool = False) -> PolicyOutput:
+        """The tailored policy on given responses, with gradients through the adapter: what a loss reads. The base does
+        not run: its distributions come with the samples (a ``Rollout`` from sampling, ``Responses`` from ``read``).
+        The output head and the combination run on real response tokens only, never on padding, a block of tokens at
+        a time.
 
         Args:
             samples: [B] rows of prompts and responses, with the control code each was trained under (if any).
             with_kl: Also the exact per-token KL(π ‖ base) of the full distributions (``PolicyOutput.kl``).
 
         Returns:
-            ``PolicyOutput``: log π of each response token, entropy, hidden states [B, T, H], and the KL if asked for.
+            ``PolicyOutput``: log π of each response token, entropy (nats), hidden states [B, T, H], and the KL if
+            asked for, each [B, T] and 0 on padding.
+
+        Raises:
+            ValueError: ``Responses`` that the base has not read (``read``).
         """
+        if samples.base_distribution is None:
+            raise ValueError("these Responses have not been read by the base: pass TailoredPolicy.read(responses)")
         ids, mask = sequence(samples)
         prompt_len, response_len = samples.prompt_ids.shape[1], samples.response_ids.shape[1]
-        if isinstance(samples, Rollout):
-            ref_distribution = samples.ref_distribution
-        else:
-            with torch.no_grad():
-                ref_distribution = self.base.response_logprobs(ids, mask, prompt_len)
         hidden, _ = self.adapter(ids, mask, position_ids(mask), control=samples.control)
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = samples.response_mask.bool()  # [B, T]
@@ -430,7 +438,7 @@ class TailoredPolicy(Frozen):
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            ref_lp = ref_distribution[r, t]
+            ref_lp = samples.base_distribution[r, t]
             logprobs = self.distribution(ref_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, samples.response_ids[r, t, None]).squeeze(-1))
             entropies.append(-(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1))

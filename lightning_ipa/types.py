@@ -21,14 +21,15 @@ class Prompts(NamedTuple):
 
 class Responses(NamedTuple):
     """Prompts and the responses to them as token ids: what ``TailoredPolicy.generate`` returns (evaluation, predict,
-    distillation) and what Quark replays from its pool. Nothing of the sampling pass comes with them: a loss over them
-    has the base read them first (``TailoredPolicy.forward`` does, once per update)."""
+    distillation) and what Quark replays from its pool. Nothing of a sampling pass comes with them; before a loss runs
+    on them the base reads them once (``TailoredPolicy.read``), which fills ``base_distribution``."""
 
     prompt_ids: Tensor  # [B, P] left-padded
     prompt_mask: Tensor  # [B, P] 1 = real token
     response_ids: Tensor  # [B, T] right-padded with the pad id
     response_mask: Tensor  # [B, T] 1 = generated token (the final stop token included)
     control: Optional[Tensor] = None  # [B] the adapter's control code (``Adapter.add_controls``); None without codes
+    base_distribution: Optional[Tensor] = None  # [B, T, V] as ``Rollout``'s, once the base has read them; None before
 
 
 class Rollout(NamedTuple):
@@ -50,7 +51,8 @@ class Rollout(NamedTuple):
     logprobs: Tensor  # [B, T] log π of each token (unfiltered: the "old" log-probs of the clipped ratio)
     ref_logprobs: Tensor  # [B, T] log p_ref of each token under the base alone (same temperature and bans)
     kl: Tensor  # [B, T] exact KL(π ‖ base) in nats of the full distributions at each position, 0 on padding
-    ref_distribution: Tensor  # [B, T, V] the base's log-probs over the vocabulary at each response position
+    base_distribution: Tensor  # [B, T, V] the base's own log-softmax over the vocabulary at each response position
+    # (temperature 1, no bans): what π and the reference are computed from (``TailoredPolicy.distribution``)
     hidden: Tensor  # [B, T, H] the adapter's last hidden state where each token was chosen
     control: Optional[Tensor] = None  # [B] the adapter's control code; None without codes
 
@@ -68,7 +70,7 @@ class Experience(NamedTuple):
     """What an algorithm's loss trains on, one row per sample (``Algorithm.make_experience``); ``Algorithm.minibatches``
     splits it along the rows."""
 
-    samples: Union[Rollout, Responses]  # a Rollout (RLOO, PPO), or Responses replayed from a pool (Quark)
+    samples: Union[Rollout, Responses]  # a Rollout (RLOO, PPO), or Responses replayed from a pool (Quark), read by the base
     advantages: Optional[Tensor] = None  # [B, T] (policy-gradient algorithms)
     returns: Optional[Tensor] = None  # [B, T] value targets (critic algorithms only)
     values: Optional[Tensor] = None  # [B, T] values at sampling time (critic algorithms only)

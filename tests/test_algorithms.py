@@ -279,3 +279,17 @@ def test_quark_names_its_kl_term_and_refuses_a_reward_penalty():
     assert quark.kl_loss_coef > 0.05 and quark.kl_coef == 0
     with pytest.raises(TypeError, match="Quark got kl_coef: it has no return"):
         Quark(kl_coef=0.05)
+
+
+def test_checkpoints_from_before_kl_loss_coef_are_upgraded():
+    """Up to c8754c5 only ``kl_coef`` was checkpointed, and Quark's was its KL loss weight: ``upgrade_checkpoint`` adds
+    the configured ``kl_loss_coef`` (RLOO, PPO) or moves Quark's adapted weight to it, so that such checkpoints load."""
+    old = {"algorithm.kl_coef": torch.tensor(0.07)}
+    RLOO(kl_loss_coef=0.1).upgrade_checkpoint(old, "algorithm.")
+    assert old["algorithm.kl_coef"] == 0.07 and torch.isclose(old["algorithm.kl_loss_coef"], torch.tensor(0.1))
+    old = {"algorithm.kl_coef": torch.tensor(0.07)}
+    Quark().upgrade_checkpoint(old, "algorithm.")
+    assert old["algorithm.kl_loss_coef"] == 0.07 and old["algorithm.kl_coef"] == 0
+    new = {"algorithm.kl_coef": torch.tensor(0.0), "algorithm.kl_loss_coef": torch.tensor(0.03)}
+    Quark().upgrade_checkpoint(new, "algorithm.")
+    assert new["algorithm.kl_loss_coef"] == 0.03  # a current checkpoint stays as it is

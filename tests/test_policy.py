@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_ipa.policy import NUCLEUS_CANDIDATES, kl_divergence, truncate
+from lightning_ipa.policy import NUCLEUS_CANDIDATES, TailoredPolicy, kl_divergence, truncate
 from lightning_ipa.types import Responses, position_ids
 
 PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
@@ -175,9 +175,9 @@ def test_zero_head_starts_exactly_at_the_base(policy_factory):
     policy = policy_factory(alpha=1.0, head="zeros")
     prompts = policy.base.encode(PROMPTS)
     a = policy.sample(prompts, torch.Generator().manual_seed(0))
-    b = policy.generate(prompts, torch.Generator().manual_seed(0), use_adapter=False)
+    b = TailoredPolicy(policy.base, None, sampling=policy.sampling).sample(prompts, torch.Generator().manual_seed(0))  # the base alone
     assert torch.equal(a.response_ids, b.response_ids)
-    assert torch.allclose(a.logprobs, a.ref_logprobs, atol=1e-4)  # the tailored policy's log-probs are the base's
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
     assert a.kl.abs().max() < 1e-4
 
 
@@ -240,8 +240,8 @@ def test_loss_kl_is_the_exact_kl_of_the_full_distributions(policy_factory, head_
     nn.init.normal_(policy.adapter.head.weight, std=head_std)
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(2))
     steps = torch.arange(rollout.response_ids.shape[1])[None]  # [1, T], broadcast over rows
-    tailored = policy.distribution(rollout.ref_distribution, policy.adapter.head(rollout.hidden), steps)
-    base = policy.distribution(rollout.ref_distribution, None, steps)
+    tailored = policy.distribution(rollout.base_distribution, policy.adapter.head(rollout.hidden), steps)
+    base = policy.distribution(rollout.base_distribution, None, steps)
     expected = torch.where(tailored.isfinite(), tailored.exp() * (tailored - base), 0.0).sum(-1) * rollout.response_mask
     kl = policy(rollout, with_kl=True).kl
     assert policy(rollout).kl is None  # computed only when asked for
@@ -322,7 +322,7 @@ def test_control_codes_are_read_by_the_adapter_only_and_never_sampled(policy_fac
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
     base_alone = policy.base.response_logprobs(ids, mask, rollout.prompt_ids.shape[1])
     real = rollout.response_mask.bool()
-    assert torch.allclose(rollout.ref_distribution[real], base_alone[real], atol=1e-4)
+    assert torch.allclose(rollout.base_distribution[real], base_alone[real], atol=1e-4)
     # the adapter's cached sampling pass and its full-sequence pass agree with the code; another code differs
     assert torch.allclose(policy(rollout).logprobs, rollout.logprobs, atol=1e-4)
     other = policy(rollout._replace(control=torch.tensor([2, 2, 2]))).logprobs
@@ -334,10 +334,15 @@ def test_replayed_responses_are_read_by_the_base_in_one_pass(policy_factory):
     nn.init.normal_(policy.adapter.head.weight, std=2.0, generator=torch.Generator().manual_seed(0))
     rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(4))
     replayed = Responses(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.control)
-    reads, read = [], policy.base.response_logprobs
-    policy.base.response_logprobs = lambda *args: reads.append(args[0].shape) or read(*args)
+    with pytest.raises(ValueError, match="not been read by the base"):
+        policy(replayed)
+    reads, response_logprobs = [], policy.base.response_logprobs
+    policy.base.response_logprobs = lambda *args: reads.append(args[0].shape) or response_logprobs(*args)
     fresh = policy(rollout, with_kl=True)
     assert reads == []  # sampled now: the rollout brings the base's distributions
+    replayed = policy.read(replayed)
+    assert reads == [torch.Size([3, rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]])]  # one pass of the base
+    real = rollout.response_mask.bool()
+    assert torch.allclose(replayed.base_distribution[real], rollout.base_distribution[real], atol=1e-4)
     replay = policy(replayed, with_kl=True)
-    assert reads == [torch.Size([3, rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]])]  # replayed: one pass
     assert torch.allclose(replay.logprobs, fresh.logprobs, atol=1e-4) and torch.allclose(replay.kl, fresh.kl, atol=1e-4)

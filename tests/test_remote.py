@@ -208,7 +208,7 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
     real = b.response_mask.bool()
-    assert (b.ref_distribution[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
+    assert (b.base_distribution[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
     assert torch.allclose(far(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
     # one request per prompt for the first token (its k samples share it), then one per row for each further token
     assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)

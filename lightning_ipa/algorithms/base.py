@@ -14,7 +14,7 @@ from .functional import KLEstimator, LossAggregation, adaptive_kl_coef, aggregat
 
 
 class Algorithm(nn.Module, ABC):
-    """An RL algorithm: turns a scored rollout into experience, and experience into a loss.
+    """An RL algorithm for the adapter: turns a scored rollout into experience, and experience into a loss.
 
     ``IPAModule.training_step`` calls, once per rollout: ``make_experience(rollout, rewards)``, ``control_kl(rollout)``,
     then for each of ``minibatches(experience)`` one update of ``loss(policy(minibatch.samples), minibatch)``.
@@ -94,6 +94,13 @@ class Algorithm(nn.Module, ABC):
     def setup(self, adapter: Adapter) -> None:
         """Build what depends on the adapter (a value head over its hidden states, control codes)."""
 
+    def upgrade_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Bring a checkpoint's ``state_dict`` (the module's, this algorithm's keys under ``prefix``) from before
+        ``kl_loss_coef`` was checkpointed (lightning_ipa c8754c5 and earlier) up to date, in place: the configured
+        ``kl_loss_coef`` (then a fixed setting) is added."""
+        if prefix + "kl_coef" in state_dict and prefix + "kl_loss_coef" not in state_dict:
+            state_dict[prefix + "kl_loss_coef"] = self.kl_loss_coef.detach().clone()
+
     # ---- one RL step, in order ----
 
     @abstractmethod
@@ -152,7 +159,7 @@ class Algorithm(nn.Module, ABC):
         with the stats detached for logging."""
         if self.needs_exact_kl:
             stats["kl"] = self.aggregate(output.kl, mask)
-            loss = loss + (self.kl_loss_coef + self.kl_direct_coef) * stats["kl"]
+            loss = loss + (float(self.kl_loss_coef) + self.kl_direct_coef) * stats["kl"]
         return LossOutput(loss, {k: v.detach() for k, v in stats.items()})
 
     def kl_penalty(self, rollout: Rollout) -> Tensor:

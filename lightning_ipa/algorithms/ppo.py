@@ -13,12 +13,15 @@ from .functional import clipped_policy_loss, clipped_value_loss, gae, token_rewa
 
 
 class PPO(Algorithm):
-    """PPO (Schulman et al. 2017) as in RLHF (Ziegler et al. 2019; trl's ``PPOTrainer``): per-token rewards with the KL
-    penalty at every token and the reward at the last, GAE over a value head on the adapter's hidden states, whitened
-    advantages, clipped policy and value losses."""
+    """PPO: clipped policy and value losses over GAE advantages, with a value head on the adapter's hidden states.
+
+    Schulman et al. 2017, as in RLHF (Ziegler et al. 2019; trl's ``PPOTrainer``): per-token rewards with the KL penalty
+    at every token and the reward at the last, GAE, whitened advantages, clipped policy and value losses.
+    """
 
     def __init__(
         self,
+        *,
         epochs: int = 4,
         clip_range: float = 0.2,
         value_clip_range: float = 0.2,

@@ -69,8 +69,9 @@ def _pad(x: Tensor, width: int, left: bool) -> Tensor:
 
 
 class Quark(Algorithm):
-    """Quark (Lu et al., NeurIPS 2022; GXimingLu/Quark): learn to generate conditioned on the quantile of the reward a
-    sample earned.
+    """Quark: learns to generate conditioned on the reward quantile a sample earned, from a pool of past samples.
+
+    Lu et al., "Quark: Controllable Text Generation with Reinforced Unlearning", NeurIPS 2022 (GXimingLu/Quark).
 
     Each rollout (sampled with the best quantile's code, 0) joins a bounded pool; the pool is ranked by reward into
     ``quantiles`` equal parts, each with a control code only the adapter reads. The experience is not the rollout but a
@@ -85,6 +86,7 @@ class Quark(Algorithm):
 
     def __init__(
         self,
+        *,
         quantiles: int = 5,
         pool_size: int = 4096,
         kl_loss_coef: float = 0.05,
@@ -149,6 +151,13 @@ class Quark(Algorithm):
         if len(best):  # quantile 0 stays empty while the pool holds fewer samples than there are quantiles
             stats["best_quantile_min_reward"] = best.min()
         return stats
+
+    def upgrade_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Up to lightning_ipa c8754c5 Quark's KL loss weight (then adapted by ``kl_target``) was saved as ``kl_coef``: it
+        moves to ``kl_loss_coef``, and ``kl_coef`` (Quark has no KL penalty in the reward) becomes 0."""
+        if prefix + "kl_coef" in state_dict and prefix + "kl_loss_coef" not in state_dict:
+            state_dict[prefix + "kl_loss_coef"] = state_dict[prefix + "kl_coef"]
+            state_dict[prefix + "kl_coef"] = torch.zeros_like(state_dict[prefix + "kl_coef"])
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.pool.state_dict()

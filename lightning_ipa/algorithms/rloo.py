@@ -10,14 +10,16 @@ from .functional import clipped_policy_loss, leave_one_out_advantages
 
 
 class RLOO(Algorithm):
-    """RLOO, REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"): advantage = return −
-    the mean return of the prompt's other k − 1 samples; trl's ``RLOOTrainer``.
+    """RLOO: REINFORCE with a leave-one-out baseline over k samples per prompt, critic-free.
+
+    Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"; trl's ``RLOOTrainer``: advantage = return − the mean
+    return of the prompt's other k − 1 samples.
 
     The return of a response is its reward − ``kl_coef``·Σ_t KL_t (the KL penalty in the reward, ``kl_estimator``);
     each token of a response shares its advantage. With ``epochs`` > 1 the probability ratio is clipped as in PPO.
     """
 
-    def __init__(self, samples_per_prompt: int = 4, clip_range: float = 0.2, entropy_coef: float = 0.0, **kwargs):
+    def __init__(self, *, samples_per_prompt: int = 4, clip_range: float = 0.2, entropy_coef: float = 0.0, **kwargs):
         """
         Args:
             samples_per_prompt: k responses sampled per prompt (k ≥ 2: the baseline is the other k − 1).
