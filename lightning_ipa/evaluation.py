@@ -93,8 +93,14 @@ class Evaluation(Frozen):
         so under DDP each batch gets the draws it gets in one process (the draws of a prompt depend on its batch: they
         are rows of one sampling call). The base's draws are made once per batch and kept.
 
+        Args:
+            policy: The tailored policy (and its base).
+            prompts: N prompt texts.
+            batch_index: The batch's index in one process's order.
+            k: Samples per prompt and policy.
+
         Returns:
-            {"tailored": [N·k texts], "base": [N·k texts]}.
+            {"tailored": [N·k texts], "base": [N·k texts]}, each prompt's k in a row.
         """
         encoded = policy.encode(prompts)
         generator = torch.Generator(encoded.ids.device).manual_seed(self.seed + batch_index)
@@ -144,7 +150,8 @@ class Evaluation(Frozen):
         return logged
 
     def predict(self, policy: TailoredPolicy, score: Scorer, batch: PromptBatch, batch_index: int) -> list[dict[str, Any]]:
-        """One row per prompt: its tailored and base responses and their rewards (``PredictionWriter`` writes them)."""
+        """One row per prompt of ``batch``: its tailored and base responses and their rewards (``PredictionWriter``
+        writes them), drawn as ``generate`` draws them (``batch_index`` seeds them; ``score`` is ``IPAModule.score``)."""
         responses = self.generate(policy, batch["prompt"], batch_index)
         rewards = {name: score(batch, texts)["reward"].tolist() for name, texts in responses.items()}
         return [

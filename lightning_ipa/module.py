@@ -129,8 +129,8 @@ class IPAModule(LightningModule):
         self.step_lr_scheduler()
 
     def sample(self, batch: PromptBatch) -> Rollout:
-        """The rollout: ``samples_per_prompt`` responses per prompt from the tailored policy (``TailoredPolicy.sample``,
-        nucleus ``rollout_top_p``), each prompt's in consecutive rows."""
+        """The rollout of a batch of N prompts: ``samples_per_prompt`` = k responses per prompt from the tailored policy
+        (``TailoredPolicy.sample``, nucleus ``rollout_top_p``), each prompt's in consecutive rows: a ``Rollout`` of N·k rows."""
         prompts = self.policy.encode(batch["prompt"])
         return self.policy.sample(prompts, samples_per_prompt=self.algorithm.samples_per_prompt, top_p=self.hparams.rollout_top_p)
 
@@ -164,7 +164,7 @@ class IPAModule(LightningModule):
         return {name: value.to(self.device) for name, value in scores.items()}
 
     def shaped_reward(self, rollout: Rollout, reward: Tensor) -> Tensor:
-        """The task's reward [B], less ``missing_eos_penalty`` for responses that never ended."""
+        """The task's ``reward`` [B], less ``missing_eos_penalty`` for the responses of ``rollout`` that never ended: [B]."""
         if self.hparams.missing_eos_penalty is None:
             return reward
         return reward - self.hparams.missing_eos_penalty * (~self.ended(rollout)).float()
@@ -175,7 +175,18 @@ class IPAModule(LightningModule):
 
     def update(self, minibatch: Experience, batch_idx: int, update: int) -> dict[str, Tensor]:
         """One optimizer step of the adapter on a minibatch: the policy's forward pass, the algorithm's loss, a
-        non-finite check, backward, gradient clipping (``max_grad_norm``), step. Returns the loss's stats."""
+        non-finite check, backward, gradient clipping (``max_grad_norm``), step.
+
+        Args:
+            minibatch: Rows of the rollout's experience (``Algorithm.minibatches``).
+            batch_idx: The rollout's batch index, and ``update`` the update's index in the rollout (for messages).
+
+        Returns:
+            The loss's stats (detached scalars by name).
+
+        Raises:
+            FloatingPointError: a non-finite loss (``check_finite``), before anything reaches the weights.
+        """
         optimizer = self.optimizers()
         loss = self.algorithm.loss(self.policy(minibatch.samples, with_kl=self.algorithm.needs_exact_kl), minibatch)
         self.check_finite(loss, batch_idx, update)

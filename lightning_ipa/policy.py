@@ -293,6 +293,9 @@ class TailoredPolicy(Frozen):
             adapter_logits: [..., V] the adapter's output head, or None.
             step: Response position(s) of the rows: an int, or [...] one per row.
 
+        Returns:
+            [..., V] the log-probs, float32 (−inf where banned or outside the base's support).
+
         Where these bans leave no token of the base's support (a top-k base whose only tokens are stop tokens before
         ``min_new_tokens``, or padding), they give way, in turn, for that row: first the ban on stopping early, then
         the ban on padding. The policy is then the base's support itself: never empty, never NaN.

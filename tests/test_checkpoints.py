@@ -16,6 +16,7 @@ import torch
 from lightning import Trainer
 
 from lightning_ipa import RemoteBase
+from lightning_ipa.callbacks import completed_rollouts
 from lightning_ipa.cli import CONF, DEFAULT_CONFIG, main
 from lightning_ipa.data import EpochShuffle
 from lightning_ipa.io import write_text_atomic
@@ -296,3 +297,17 @@ def test_result_files_are_readable_by_others_as_the_umask_allows(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_checkpoint_from_before_kl_loss_coef_resumes(tiny_llama, tmp_path):
+    """Checkpoints up to c8754c5 hold ``algorithm.kl_coef`` but not ``algorithm.kl_loss_coef``: they resume (with the
+    configured ``kl_loss_coef``), and a resume that changes it lists it as training state continued from the checkpoint."""
+    fit(tiny_llama, tmp_path, 2)
+    path = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    adapted = checkpoint["state_dict"]["algorithm.kl_coef"]
+    del checkpoint["state_dict"]["algorithm.kl_loss_coef"]  # as the older code saved it
+    torch.save(checkpoint, path)
+    resumed = fit(tiny_llama, tmp_path, 3, "--ckpt_path", "last")
+    assert completed_rollouts(resumed.trainer) == 3 and resumed.model.algorithm.kl_coef != adapted  # resumed, and adapting on
+    assert resumed.model.algorithm.kl_loss_coef == 0.0  # the quickstart's (RLOO's default)

@@ -105,8 +105,15 @@ class Algorithm(nn.Module, ABC):
 
     @abstractmethod
     def make_experience(self, rollout: Rollout, rewards: Tensor) -> Experience:
-        """What the loss trains on, from a rollout and its rewards [B] (the task's reward, shaped): advantages (and
-        returns), or a batch replayed from a pool."""
+        """What the loss trains on: advantages (and returns), or a batch replayed from a pool.
+
+        Args:
+            rollout: The rollout of B samples (``TailoredPolicy.sample``).
+            rewards: [B] the task's reward of each sample, shaped (``IPAModule.shaped_reward``).
+
+        Returns:
+            ``Experience`` of B rows (Quark: as many replayed samples, at most its pool's size).
+        """
 
     @torch.no_grad()
     def control_kl(self, rollout: Rollout) -> None:
@@ -117,7 +124,8 @@ class Algorithm(nn.Module, ABC):
             coef.copy_(adaptive_kl_coef(coef, rollout.kl.sum(-1).mean(), self.kl_target, self.kl_horizon, len(rollout.kl)))
 
     def minibatches(self, experience: Experience) -> Iterator[Experience]:
-        """``epochs`` shuffled passes over the experience, in minibatches of ``minibatch_size`` rows."""
+        """``epochs`` shuffled passes over the experience (torch's global RNG), in minibatches of ``minibatch_size``
+        rows; yields ``Experience`` minibatches, each one update."""
         ids = experience.samples.response_ids
         size = ids.shape[0]
         step = self.minibatch_size or size
@@ -128,8 +136,16 @@ class Algorithm(nn.Module, ABC):
 
     @abstractmethod
     def loss(self, output: PolicyOutput, minibatch: Experience) -> LossOutput:
-        """The loss of a minibatch, given the policy run on its samples (``TailoredPolicy.forward``, with the exact KL
-        when ``needs_exact_kl``)."""
+        """The loss of one update.
+
+        Args:
+            output: The tailored policy run with gradients on the minibatch's samples (``TailoredPolicy.forward``;
+                ``output.kl`` [B, T] when ``needs_exact_kl``).
+            minibatch: Its rows of the experience.
+
+        Returns:
+            ``LossOutput``: the loss [] to back-propagate, and its terms as detached scalars (logged as ``loss/<name>``).
+        """
 
     # ---- pieces the algorithms share ----
 
@@ -151,12 +167,13 @@ class Algorithm(nn.Module, ABC):
         return float(self.kl_coef) if self.kl_estimator == "full" else 0.0
 
     def aggregate(self, values: Tensor, mask: Tensor) -> Tensor:
-        """One loss term [] from its per-token values [B, T] (``loss_agg_mode``)."""
+        """One loss term [] from its per-token values [B, T] and the response mask [B, T] (``loss_agg_mode``,
+        ``functional.aggregate``)."""
         return aggregate(values, mask, self.loss_agg_mode)
 
     def with_kl_term(self, loss: Tensor, stats: dict[str, Tensor], output: PolicyOutput, mask: Tensor) -> LossOutput:
-        """``loss`` + (``kl_loss_coef`` + ``kl_direct_coef``) × the aggregated exact KL (when used; logged as ``kl``),
-        with the stats detached for logging."""
+        """``loss`` [] + (``kl_loss_coef`` + ``kl_direct_coef``) × the exact KL ``output.kl`` [B, T] aggregated over
+        ``mask`` [B, T] (when used; added to ``stats`` as ``kl``); returns it with the stats detached for logging."""
         if self.needs_exact_kl:
             stats["kl"] = self.aggregate(output.kl, mask)
             loss = loss + (float(self.kl_loss_coef) + self.kl_direct_coef) * stats["kl"]

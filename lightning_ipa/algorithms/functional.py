@@ -32,6 +32,17 @@ def aggregate(values: Tensor, mask: Tensor, mode: LossAggregation = "token-mean"
     each one's token mean (each response weighs the same, as GRPO's 1/|o_i|); 'seq-mean-token-sum': the mean over
     responses of each one's token sum (Dr. GRPO; the scale grows with the length). Padding never counts; a row without
     tokens contributes 0.
+
+    Args:
+        values: [B, T] a loss term per token.
+        mask: [B, T] 1 on response tokens.
+        mode: 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum'.
+
+    Returns:
+        [] the term.
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
     if mode == "token-mean":
         return masked_mean(values, mask)
@@ -58,6 +69,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, exact_kl: Tensor, mask: T
         exact_kl: [B, T] exact per-position KL(π ‖ base) (``Rollout.kl``).
         mask: [B, T] 1 on response tokens.
         estimator: One of 'full', 'k1', 'k3', 'abs', 'mse'.
+
+    Returns:
+        [B, T] the penalty per token, nats.
 
     Raises:
         ValueError: an unknown ``estimator``.

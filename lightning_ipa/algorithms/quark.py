@@ -46,7 +46,8 @@ class DataPool:
         self.rewards = torch.cat([self.rewards, rewards.detach().float().cpu()])[-self.capacity :]
 
     def replay(self, index: Tensor, control: Tensor, device: torch.device) -> Responses:
-        """The samples at ``index`` [N] as ``Responses`` to train on under the control codes ``control`` [N]."""
+        """The samples at ``index`` [N] as ``Responses`` (on ``device``, without the columns that are padding in every
+        row) to train on under the control codes ``control`` [N]; the base has not read them (``base_distribution`` None)."""
         prompt_ids, prompt_mask, response_ids, response_mask = (self.data[name][index] for name in POOL_FIELDS)
         prompt_start = int(prompt_mask.any(0).long().argmax())  # drop columns that are padding in every row
         response_end = int(response_mask.any(0).sum())
