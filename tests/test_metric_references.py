@@ -299,10 +299,11 @@ def test_test_results_write_each_metrics_convention(tmp_path):
         callback_metrics={f"test/{name}/{policy}": torch.tensor(0.5) for name in metrics for policy in ("base", "tailored")},
     )
     trainer.callback_metrics["test/bleu/base"] = torch.tensor(float("nan"))  # undefined (e.g. no references)
-    module = SimpleNamespace(
-        generations=[{"prompt": "p"}], device=torch.device("cpu"), evaluation=SimpleNamespace(num_samples=lambda stage: 1),
-        metrics=torch.nn.ModuleDict({f"test_{policy}": torch.nn.ModuleDict(metrics) for policy in ("base", "tailored")}),
+    evaluation = SimpleNamespace(
+        generations=[{"prompt": "p"}], num_samples=lambda stage: 1,
+        stage_metrics=torch.nn.ModuleDict({f"test_{policy}": torch.nn.ModuleDict(metrics) for policy in ("base", "tailored")}),
     )
+    module = SimpleNamespace(device=torch.device("cpu"), evaluation=evaluation)
     TestResults().on_test_end(trainer, module)
     def strict(constant):
         raise AssertionError(f"results.json is not standard JSON: {constant}")
