@@ -303,6 +303,11 @@ class LocalBase(Frozen):
         return self.top_k is None
 
     @property
+    def support_size(self) -> Optional[int]:
+        """The most tokens with a finite log-prob at a step (``top_k``); None: the whole vocabulary."""
+        return self.top_k
+
+    @property
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().out_features
 

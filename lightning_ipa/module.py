@@ -17,7 +17,7 @@ from .bases import LocalBase
 from .callbacks import FitSummary, RolloutProgressBar, completed_rollouts
 from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
-from .policy import Sampling, TailoredPolicy, long_prompts_error
+from .policy import RolloutMemory, Sampling, TailoredPolicy, long_prompts_error
 from .remote import RemoteBase
 from .rewards import Reward, RewardContractError, check_scores
 from .types import Experience, LossOutput, Responses, Rollout
@@ -44,6 +44,7 @@ class IPAModule(LightningModule):
         alpha: float = 1.0,
         sampling: Sampling = Sampling(),
         rollout_top_p: Optional[float] = None,
+        rollout_memory: RolloutMemory = "auto",
         lr: float = 1e-4,
         head_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -67,6 +68,10 @@ class IPAModule(LightningModule):
             sampling: Decoding settings for rollouts, validation, test and predict.
             rollout_top_p: Nucleus mass of the training rollouts only (None: ``sampling.top_p``); e.g. 1.0
                 explores the whole tailored distribution, as Quark does, while evaluation keeps top-p.
+            rollout_memory: How a rollout keeps the base's distributions for the update
+                (``TailoredPolicy.rollout_memory``): 'full' (float32 [B, T, V]), 'bfloat16', 'top_k' (exact for a top-k
+                or API base), 'recompute' (the base reads the responses again before the updates), or 'auto' (the
+                default: 'top_k' for a top-k base, else 'full' up to 4 GiB a rollout, else 'recompute').
             lr: Learning rate of the adapter's transformer layers.
             head_lr: Learning rate of what starts from scratch: the adapter's output head and control
                 codes, and the algorithm's own parameters (e.g. PPO's value head).
@@ -132,14 +137,16 @@ class IPAModule(LightningModule):
         """The rollout of a batch of N prompts: ``samples_per_prompt`` = k responses per prompt from the tailored policy
         (``TailoredPolicy.sample``, nucleus ``rollout_top_p``), each prompt's in consecutive rows: a ``Rollout`` of N·k rows."""
         prompts = self.policy.encode(batch["prompt"])
-        return self.policy.sample(prompts, samples_per_prompt=self.algorithm.samples_per_prompt, top_p=self.hparams.rollout_top_p)
+        k, top_p, memory = self.algorithm.samples_per_prompt, self.hparams.rollout_top_p, self.hparams.rollout_memory
+        return self.policy.sample(prompts, samples_per_prompt=k, top_p=top_p, memory=memory)
 
     def experience(self, rollout: Rollout, rewards: Tensor) -> Experience:
         """The algorithm's experience (``Algorithm.make_experience``) from a rollout and its rewards [B], ready for the
-        updates: ``Responses`` replayed from a pool (Quark) are read by the base here, once per rollout
-        (``TailoredPolicy.read``); a ``Rollout`` brings the base's distributions from sampling."""
+        updates: samples without the base's distributions (``Responses`` replayed from a pool by Quark, a rollout
+        sampled with ``rollout_memory='recompute'``) are read by the base here, once per rollout
+        (``TailoredPolicy.read``); other rollouts bring them from sampling."""
         experience = self.algorithm.make_experience(rollout, rewards)
-        if isinstance(experience.samples, Responses):
+        if experience.samples.base_distribution is None:
             experience = experience._replace(samples=self.policy.read(experience.samples))
         return experience
 

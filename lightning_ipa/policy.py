@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; ro
 # forward() scores tokens in blocks of at most this many [tokens × vocabulary] floats (16 MB): under glibc's
 # 32 MB mmap threshold, so they are reused from the heap rather than mapped and zeroed afresh (~2× faster on CPU)
 EVALUATE_BLOCK = 1 << 22
+RolloutMemory = Literal["auto", "full", "bfloat16", "top_k", "recompute"]
+ROLLOUT_MEMORY_BUDGET = 4 << 30  # bytes: 'auto' keeps a rollout's [B, T, V] float32 base distributions up to this size
 
 
 @dataclass(frozen=True)
@@ -321,9 +323,37 @@ class TailoredPolicy(Frozen):
         ``decode(skip_special_tokens=True)`` give it (e.g. ``stop_tokens=["."]`` keeps the final ".")."""
         return [self.base.tokenizer.decode(ids[real], skip_special_tokens=True) for ids, real in zip(response_ids, response_mask.bool())]
 
+    def rollout_memory(self, rows: int, memory: RolloutMemory = "auto") -> RolloutMemory:
+        """How a rollout of ``rows`` samples keeps the base's distributions for the update (``Rollout.base_distribution``).
+
+        'full': float32 [B, T, V], B·T·V·4 bytes (exact; a Llama-3 vocabulary of 128,256 at 512 × 128 is 34 GB);
+        'bfloat16': half that, rounded to bfloat16 (the loss's π and KL then differ in the 3rd significant digit);
+        'top_k': the base's k finite log-probs and their ids [B, T, k], B·T·k·12 bytes (exact, for a base whose support
+        is top-k: ``LocalBase(top_k=…)``, an API base; refused otherwise); 'recompute': nothing kept, the base reads
+        prompt + response once more before the updates (``read``: one teacher-forced forward, exact up to float
+        rounding); 'auto': 'top_k' for a top-k base, else 'full' while it takes at most ``ROLLOUT_MEMORY_BUDGET`` (4 GiB,
+        counting ``max_new_tokens`` positions), else 'recompute'.
+
+        Raises:
+            ValueError: 'top_k' for a base with a full vocabulary, or an unknown mode.
+        """
+        if memory not in get_args(RolloutMemory):
+            raise ValueError(f"unknown rollout_memory {memory!r}; choose one of {list(get_args(RolloutMemory))}")
+        k = self.base.support_size
+        if memory == "top_k" and k is None:
+            raise ValueError("rollout_memory='top_k' keeps the base's top-k log-probs, exact only for a base whose support is "
+                             "top-k (LocalBase top_k, an API base); this base has the whole vocabulary: use 'full', "
+                             "'bfloat16' or 'recompute'")
+        if memory != "auto":
+            return memory
+        if k is not None:
+            return "top_k"
+        full = rows * self.sampling.max_new_tokens * self.base.vocab_size * 4
+        return "full" if full <= ROLLOUT_MEMORY_BUDGET else "recompute"
+
     @torch.no_grad()
     def sample(self, prompts: Prompts, generator: Optional[torch.Generator] = None, samples_per_prompt: int = 1,
-               top_p: Optional[float] = None) -> Rollout:
+               top_p: Optional[float] = None, memory: RolloutMemory = "auto") -> Rollout:
         """Training rollouts: ``samples_per_prompt`` = k responses per prompt from the tailored policy, with what the
         update reads from this pass (``Rollout``: log-probs under π and the base, the exact KL, the base's distributions
         and the adapter's hidden states), so that the base runs once per generated token and never again on them.
@@ -333,12 +363,14 @@ class TailoredPolicy(Frozen):
             generator: Random generator of the draws (None: torch's global one).
             samples_per_prompt: k.
             top_p: Nucleus mass of this call (None: ``sampling.top_p``).
+            memory: How the base's distributions are kept (``rollout_memory``).
 
         Returns:
             ``Rollout`` of B = N·k rows; an adapter with control codes samples with code 0 (``Adapter.add_controls``). A
             policy without an adapter samples the base alone (KL 0, hidden states [B, T, 0]).
         """
-        return Rollout(**self._decode(prompts, generator, samples_per_prompt, top_p, self.adapter is not None, record=True))
+        memory = self.rollout_memory(len(prompts.ids) * samples_per_prompt, memory)
+        return Rollout(**self._decode(prompts, generator, samples_per_prompt, top_p, self.adapter is not None, record=memory))
 
     @torch.no_grad()
     def generate(self, prompts: Prompts, generator: Optional[torch.Generator] = None, samples_per_prompt: int = 1,
@@ -355,12 +387,13 @@ class TailoredPolicy(Frozen):
         Returns:
             ``Responses`` of B = N·k rows.
         """
-        return Responses(**self._decode(prompts, generator, samples_per_prompt, None, use_adapter and self.adapter is not None, record=False))
+        return Responses(**self._decode(prompts, generator, samples_per_prompt, None, use_adapter and self.adapter is not None, record=None))
 
     def _decode(self, prompts: Prompts, generator: Optional[torch.Generator], k: int, top_p: Optional[float], use_adapter: bool,
-                record: bool) -> dict[str, Optional[Tensor]]:
+                record: Optional[RolloutMemory]) -> dict[str, Optional[Tensor]]:
         """The lockstep sampler behind ``sample`` and ``generate``: base and adapter advance one token at a time with
-        their KV caches. Returns their fields by name ([B, ...] tensors stacked along T); ``record`` keeps the training ones."""
+        their KV caches. Returns their fields by name ([B, ...] tensors stacked along T); ``record`` keeps the training
+        ones, the base's distributions as that mode says (``rollout_memory``; None: tokens only)."""
         s = self.sampling
         top_p = s.top_p if top_p is None else top_p
         positions = position_ids(prompts.mask)
@@ -377,7 +410,8 @@ class TailoredPolicy(Frozen):
         prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
         mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
         alive = torch.ones(prompts.ids.shape[0], dtype=torch.bool, device=mask.device)
-        steps: dict[str, list[Tensor]] = {name: [] for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "base_distribution", "hidden")}
+        fields = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "base_distribution", "base_support", "hidden")
+        steps: dict[str, list[Tensor]] = {name: [] for name in fields}
         for t in range(s.max_new_tokens):
             logprobs = self.distribution(base_lp, self.adapter.head(hidden) if use_adapter else None, t)  # [B, V] the tailored policy π
             real = alive  # rows still generating; finished rows get padding
@@ -389,7 +423,15 @@ class TailoredPolicy(Frozen):
                 steps["logprobs"].append(_pick(logprobs, token, real))
                 steps["ref_logprobs"].append(_pick(ref_logprobs, token, real))
                 steps["kl"].append(kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else torch.zeros_like(base_lp[:, 0]))
-                steps["base_distribution"].append(base_lp)
+                if record == "top_k":
+                    if int(base_lp.isfinite().sum(-1).max()) > self.base.support_size:  # not all kept: refuse rather than cut
+                        raise ValueError(f"the base gave more than its support_size={self.base.support_size} finite log-probs "
+                                         "at a step: rollout_memory='top_k' would drop some; use 'full' or 'recompute'")
+                    values, ids = base_lp.topk(self.base.support_size, dim=-1)  # every finite log-prob of a top-k base
+                    steps["base_distribution"].append(values)
+                    steps["base_support"].append(ids)
+                elif record != "recompute":
+                    steps["base_distribution"].append(base_lp.to(torch.bfloat16) if record == "bfloat16" else base_lp)
                 steps["hidden"].append(hidden if use_adapter else base_lp.new_zeros(len(token), 0))
             alive = real & ~self.stops[token]
             if t == s.max_new_tokens - 1 or not alive.any():
@@ -401,16 +443,19 @@ class TailoredPolicy(Frozen):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
-        fields = {name: torch.stack(values, dim=1) for name, values in steps.items() if values}
-        return {"prompt_ids": prompts.ids, "prompt_mask": prompts.mask, **fields, "control": control}
+        stacked = {name: torch.stack(values, dim=1) for name, values in steps.items() if values}
+        if record is not None:
+            stacked.setdefault("base_distribution", None)  # 'recompute': read before the updates
+        return {"prompt_ids": prompts.ids, "prompt_mask": prompts.mask, **stacked, "control": control}
 
     @torch.no_grad()
-    def read(self, responses: Responses) -> Responses:
-        """``responses`` with the base's distributions at each response position (``base_distribution`` [B, T, V]): one
-        teacher-forced pass of the base over prompt + response, no generation. For responses not sampled now (Quark's
-        replays), whose distributions no sampling pass kept."""
-        ids, mask = sequence(responses)
-        return responses._replace(base_distribution=self.base.response_logprobs(ids, mask, responses.prompt_ids.shape[1]))
+    def read(self, samples: Union[Rollout, Responses]) -> Union[Rollout, Responses]:
+        """``samples`` with the base's distributions at each response position (``base_distribution`` [B, T, V] float32,
+        dense): one teacher-forced pass of the base over prompt + response, no generation. For responses whose
+        distributions no sampling pass kept: Quark's replays, rollouts sampled with ``rollout_memory='recompute'``."""
+        ids, mask = sequence(samples)
+        base_distribution = self.base.response_logprobs(ids, mask, samples.prompt_ids.shape[1])
+        return samples._replace(base_distribution=base_distribution, base_support=None)
 
     def forward(self, samples: Union[Rollout, Responses], with_kl: bool = False) -> PolicyOutput:
         """The tailored policy on given responses, with gradients through the adapter: what a loss reads. The base does
@@ -430,7 +475,7 @@ class TailoredPolicy(Frozen):
             ValueError: ``Responses`` that the base has not read (``read``).
         """
         if samples.base_distribution is None:
-            raise ValueError("these Responses have not been read by the base: pass TailoredPolicy.read(responses)")
+            raise ValueError("these samples have not been read by the base: pass TailoredPolicy.read(samples)")
         ids, mask = sequence(samples)
         prompt_len, response_len = samples.prompt_ids.shape[1], samples.response_ids.shape[1]
         hidden, _ = self.adapter(ids, mask, position_ids(mask), control=samples.control)
@@ -441,7 +486,7 @@ class TailoredPolicy(Frozen):
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
         for r, t in zip(rows.split(chunk), steps.split(chunk)):
-            ref_lp = samples.base_distribution[r, t]
+            ref_lp = self._base_rows(samples, r, t)
             logprobs = self.distribution(ref_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
             token_lps.append(logprobs.gather(-1, samples.response_ids[r, t, None]).squeeze(-1))
             entropies.append(-(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1))
@@ -449,6 +494,15 @@ class TailoredPolicy(Frozen):
                 kls.append(kl_divergence(logprobs, self.distribution(ref_lp, None, t)))
         kl = _unpack(torch.cat(kls), real) if with_kl else None
         return PolicyOutput(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
+
+    def _base_rows(self, samples: Union[Rollout, Responses], rows: Tensor, steps: Tensor) -> Tensor:
+        """The base's log-probs [n, V] float32 at positions (``rows``, ``steps``) [n], as kept: dense, or top-k values
+        scattered over −inf."""
+        values = samples.base_distribution[rows, steps].float()
+        if samples.base_support is None:
+            return values
+        dense = values.new_full((len(rows), self.base.vocab_size), float("-inf"))
+        return dense.scatter(-1, samples.base_support[rows, steps], values)
 
 
 def _unpack(values: Tensor, real: Tensor) -> Tensor:

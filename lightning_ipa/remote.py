@@ -201,6 +201,11 @@ class RemoteBase(Frozen):
         """False: an API returns its top-k log-probs only."""
         return False
 
+    @property
+    def support_size(self) -> Optional[int]:
+        """The most tokens with a finite log-prob at a step: the ``top_logprobs`` the API returns."""
+        return self.top_logprobs
+
     def encode(self, prompts: list[str]) -> Prompts:
         """Tokenise prompt texts into a left-padded batch on the module's device."""
         return encode_prompts(self.tokenizer, prompts, self.chat_template, self.system_prompt, self.anchor.device)

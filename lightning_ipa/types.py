@@ -30,6 +30,7 @@ class Responses(NamedTuple):
     response_mask: Tensor  # [B, T] 1 = generated token (the final stop token included)
     control: Optional[Tensor] = None  # [B] the adapter's control code (``Adapter.add_controls``); None without codes
     base_distribution: Optional[Tensor] = None  # [B, T, V] as ``Rollout``'s, once the base has read them; None before
+    base_support: Optional[Tensor] = None  # as ``Rollout``'s
 
 
 class Rollout(NamedTuple):
@@ -51,10 +52,13 @@ class Rollout(NamedTuple):
     logprobs: Tensor  # [B, T] log π of each token (unfiltered: the "old" log-probs of the clipped ratio)
     ref_logprobs: Tensor  # [B, T] log p_ref of each token under the base alone (same temperature and bans)
     kl: Tensor  # [B, T] exact KL(π ‖ base) in nats of the full distributions at each position, 0 on padding
-    base_distribution: Tensor  # [B, T, V] the base's own log-softmax over the vocabulary at each response position
-    # (temperature 1, no bans): what π and the reference are computed from (``TailoredPolicy.distribution``)
+    base_distribution: Optional[Tensor]  # [B, T, V] the base's own log-softmax over the vocabulary at each response
+    # position (temperature 1, no bans): what π and the reference are computed from (``TailoredPolicy.distribution``).
+    # As ``rollout_memory`` keeps it: float32, bfloat16, [B, T, k] values at ``base_support``, or None (``read`` later)
     hidden: Tensor  # [B, T, H] the adapter's last hidden state where each token was chosen
     control: Optional[Tensor] = None  # [B] the adapter's control code; None without codes
+    base_support: Optional[Tensor] = None  # [B, T, k] token ids of ``base_distribution`` [B, T, k] when it is kept
+    # top-k sparse (``rollout_memory='top_k'``); None: ``base_distribution`` is dense [B, T, V]
 
 
 class PolicyOutput(NamedTuple):
