@@ -412,6 +412,7 @@ class TailoredPolicy(Frozen):
         alive = torch.ones(prompts.ids.shape[0], dtype=torch.bool, device=mask.device)
         fields = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "base_distribution", "base_support", "hidden")
         steps: dict[str, list[Tensor]] = {name: [] for name in fields}
+        support: list[Tensor] = []  # top_k: the most finite log-probs of the base at each step
         for t in range(s.max_new_tokens):
             logprobs = self.distribution(base_lp, self.adapter.head(hidden) if use_adapter else None, t)  # [B, V] the tailored policy π
             real = alive  # rows still generating; finished rows get padding
@@ -424,9 +425,7 @@ class TailoredPolicy(Frozen):
                 steps["ref_logprobs"].append(_pick(ref_logprobs, token, real))
                 steps["kl"].append(kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else torch.zeros_like(base_lp[:, 0]))
                 if record == "top_k":
-                    if int(base_lp.isfinite().sum(-1).max()) > self.base.support_size:  # not all kept: refuse rather than cut
-                        raise ValueError(f"the base gave more than its support_size={self.base.support_size} finite log-probs "
-                                         "at a step: rollout_memory='top_k' would drop some; use 'full' or 'recompute'")
+                    support.append(base_lp.isfinite().sum(-1).max())  # checked once, after the loop (no sync per step)
                     values, ids = base_lp.topk(self.base.support_size, dim=-1)  # every finite log-prob of a top-k base
                     steps["base_distribution"].append(values)
                     steps["base_support"].append(ids)
@@ -443,6 +442,9 @@ class TailoredPolicy(Frozen):
             if use_adapter:
                 hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
                 hidden = hidden[:, -1]
+        if support and int(torch.stack(support).max()) > self.base.support_size:  # some were not kept: refuse rather than cut
+            raise ValueError(f"the base gave more than its support_size={self.base.support_size} finite log-probs at a step: "
+                             "rollout_memory='top_k' would drop some; use 'full' or 'recompute'")
         stacked = {name: torch.stack(values, dim=1) for name, values in steps.items() if values}
         if record is not None:
             stacked.setdefault("base_distribution", None)  # 'recompute': read before the updates

@@ -74,3 +74,10 @@ def test_a_fit_with_recomputed_distributions_trains_as_the_full_one(tiny_llama, 
         runs[memory] = scalars(tmp_path / memory / "quickstart" / "version_0")
     for tag in ("loss/policy", "loss/kl", "train/kl", "train/reward"):
         assert runs["recompute"][tag] == pytest.approx(runs["full"][tag], abs=1e-4), tag
+
+
+def test_top_k_memory_refuses_a_base_wider_than_its_support_size(tiny_llama, monkeypatch):
+    policy = policy_over(tiny_llama, top_k=8)
+    monkeypatch.setattr(LocalBase, "support_size", property(lambda self: 4))  # a base that says 4 but gives 8
+    with pytest.raises(ValueError, match="more than its support_size=4 finite log-probs"):
+        sampled(policy, "top_k")
