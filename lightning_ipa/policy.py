@@ -8,7 +8,6 @@ from typing import Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch import Tensor
 
 from .adapters import Adapter
@@ -485,29 +484,18 @@ class TailoredPolicy(Frozen):
         hidden = hidden[:, prompt_len - 1 : prompt_len + response_len - 1]  # [B, T, H] states that chose each token
         real = samples.response_mask.bool()  # [B, T]
         rows, steps = real.nonzero(as_tuple=True)  # [N] each
+        token_lps, entropies, kls = [], [], []
         chunk = max(1, EVALUATE_BLOCK // self.base.vocab_size)
-        # autograd keeps ~12 [tokens, V] float32 tensors of the product of experts for backward; past the budget, each
-        # block keeps its [n, H] input only and is computed again in backward (activation checkpointing: same values)
-        recompute = torch.is_grad_enabled() and 12 * len(rows) * self.base.vocab_size * 4 > ROLLOUT_MEMORY_BUDGET
-        blocks = [
-            checkpoint(self._score_block, samples, hidden[r, t], r, t, with_kl, use_reentrant=False) if recompute
-            else self._score_block(samples, hidden[r, t], r, t, with_kl)
-            for r, t in zip(rows.split(chunk), steps.split(chunk))
-        ]
-        token_lps, entropies, kls = (torch.cat(x) for x in zip(*blocks))
-        return PolicyOutput(_unpack(token_lps, real), _unpack(entropies, real), hidden, _unpack(kls, real) if with_kl else None)
-
-    def _score_block(self, samples: Union[Rollout, Responses], hidden: Tensor, rows: Tensor, steps: Tensor,
-                     with_kl: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """For the response tokens at (``rows``, ``steps``) [n] with the adapter's states ``hidden`` [n, H]: log π of
-        each token, the entropy of π and (``with_kl``, else empty) the exact KL(π ‖ base), each [n]."""
-        ref_lp = self._base_rows(samples, rows, steps)
-        logprobs = self.distribution(ref_lp, self.adapter.head(hidden), steps)  # [n, V]
         lowest = torch.finfo(torch.float32).min  # banned tokens: p·log p = 0, and so is its gradient
-        token_lps = logprobs.gather(-1, samples.response_ids[rows, steps, None]).squeeze(-1)
-        entropy = -(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1)
-        kl = kl_divergence(logprobs, self.distribution(ref_lp, None, steps)) if with_kl else logprobs.new_zeros(0)
-        return token_lps, entropy, kl
+        for r, t in zip(rows.split(chunk), steps.split(chunk)):
+            ref_lp = self._base_rows(samples, r, t)
+            logprobs = self.distribution(ref_lp, self.adapter.head(hidden[r, t]), t)  # [n, V]
+            token_lps.append(logprobs.gather(-1, samples.response_ids[r, t, None]).squeeze(-1))
+            entropies.append(-(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1))
+            if with_kl:
+                kls.append(kl_divergence(logprobs, self.distribution(ref_lp, None, t)))
+        kl = _unpack(torch.cat(kls), real) if with_kl else None
+        return PolicyOutput(*(_unpack(torch.cat(x), real) for x in (token_lps, entropies)), hidden, kl)
 
     def _base_rows(self, samples: Union[Rollout, Responses], rows: Tensor, steps: Tensor) -> Tensor:
         """The base's log-probs [n, V] float32 at positions (``rows``, ``steps``) [n], as kept: dense, or top-k values

@@ -81,23 +81,3 @@ def test_top_k_memory_refuses_a_base_wider_than_its_support_size(tiny_llama, mon
     monkeypatch.setattr(LocalBase, "support_size", property(lambda self: 4))  # a base that says 4 but gives 8
     with pytest.raises(ValueError, match="more than its support_size=4 finite log-probs"):
         sampled(policy, "top_k")
-
-
-def test_the_loss_pass_recomputes_its_blocks_in_backward_past_the_budget(tiny_llama, monkeypatch):
-    """Past ``ROLLOUT_MEMORY_BUDGET`` the loss's blocks keep only their [n, H] inputs for backward (activation
-    checkpointing): the same values and the same gradients as keeping every [n, V] tensor."""
-    policy = policy_over(tiny_llama)
-    rollout = sampled(policy, "full")
-    results = []
-    for budget in (None, 0):
-        if budget is not None:
-            monkeypatch.setattr("lightning_ipa.policy.ROLLOUT_MEMORY_BUDGET", budget)
-        policy.adapter.zero_grad()
-        output = policy(rollout, with_kl=True)
-        (output.logprobs.sum() + output.entropy.sum() + output.kl.sum()).backward()
-        results.append((output, [p.grad.clone() for p in policy.adapter.parameters() if p.grad is not None]))
-    (kept, kept_grads), (recomputed, recomputed_grads) = results
-    for field in ("logprobs", "entropy", "kl"):
-        assert torch.equal(getattr(kept, field), getattr(recomputed, field)), field
-    assert len(kept_grads) == len(recomputed_grads) > 0
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(kept_grads, recomputed_grads))
