@@ -90,8 +90,8 @@ class IPAModule(LightningModule):
                 sets it to -1 (no limit) when neither is given; with a ``Trainer`` of your own, pass ``max_epochs=-1``.
 
         Raises:
-            ValueError: ``rollout_top_p`` outside (0, 1], ``max_rollouts`` below 1, or a sampled ``kl_estimator`` with
-                filtered rollouts.
+            ValueError: ``rollout_top_p`` outside (0, 1], ``max_rollouts`` below 1, a sampled ``kl_estimator`` with
+                filtered rollouts, or a ``rollout_memory`` the base cannot use (``TailoredPolicy.rollout_memory``).
         """
         if rollout_top_p is not None and not 0 < rollout_top_p <= 1:
             raise ValueError(f"rollout_top_p must be in (0, 1] (or None for sampling.top_p), got {rollout_top_p}")
@@ -102,6 +102,7 @@ class IPAModule(LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave frozen weights (the base above all) out
         self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
+        self.policy.rollout_memory(1, rollout_memory)  # refuses an unknown mode, or 'top_k' for a full-vocabulary base, now
         self.reward = reward
         self.algorithm = algorithm or RLOO()
         rollout_filtered = sampling.top_k > 0 or (sampling.top_p if rollout_top_p is None else rollout_top_p) < 1

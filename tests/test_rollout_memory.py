@@ -81,3 +81,10 @@ def test_top_k_memory_refuses_a_base_wider_than_its_support_size(tiny_llama, mon
     monkeypatch.setattr(LocalBase, "support_size", property(lambda self: 4))  # a base that says 4 but gives 8
     with pytest.raises(ValueError, match="more than its support_size=4 finite log-probs"):
         sampled(policy, "top_k")
+
+
+def test_a_top_k_memory_for_a_full_vocabulary_base_is_refused_at_start_up(tiny_llama, tmp_path):
+    """Before any work: the module refuses it when it is built, not at the first rollout."""
+    with pytest.raises(ValueError, match="rollout_memory='top_k'.*whole vocabulary"):
+        main(["fit", *tiny_args(tiny_llama, tmp_path, 1), "--model.rollout_memory=top_k"])
+    assert not (tmp_path / "quickstart").exists()  # no run folder: nothing was started
