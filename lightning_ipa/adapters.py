@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -53,8 +53,7 @@ class Adapter(nn.Module):
     @property
     def max_tokens(self) -> Optional[int]:
         """The most prompt + response tokens it reads: its context window, less one for a prefix control code (None: unbounded)."""
-        prefix = self.controls is not None and self.control_mode == "prefix"
-        return None if self.max_positions is None else self.max_positions - prefix
+        return None if self.max_positions is None else self.max_positions - self.prefix_length
 
     def add_controls(self, n: int, mode: ControlMode = "prefix") -> None:
         """Give the adapter ``n`` trainable control codes (Quark's reward quantiles).
@@ -107,29 +106,37 @@ class Adapter(nn.Module):
             head = zeros_linear(hidden, pretrained_head.out_features, dtype)
         return cls(body, head, hidden)
 
+    @property
+    def prefix_length(self) -> int:
+        """Positions the adapter reads before a prompt: 1 with a control-code prefix (``add_controls``), else 0."""
+        return int(self.controls is not None and self.control_mode == "prefix")
+
     def forward(
-        self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False, control: Optional[Tensor] = None
+        self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, use_cache: bool = False, control: Optional[Tensor] = None,
+        body: Optional[Callable] = None,
     ) -> tuple[Tensor, object]:
         """Last hidden states [B, L, H] of the new tokens, and the KV cache (when ``use_cache``).
 
         ``control`` [B]: each row's control code (see ``add_controls``); pass it on every call for one
-        sequence (as a prefix, the code shifts the adapter's mask and positions by one).
+        sequence (as a prefix, the code shifts the adapter's mask and positions by one). ``body``: what runs the
+        transformer (default ``self.body``; a compiled one for decoding steps).
         """
+        body = self.body if body is None else body
         if control is None:
-            out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+            out = body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
             return out.last_hidden_state, out.cache
         embeds = self.body.get_input_embeddings()(ids)
         if self.control_mode == "every_token":
             embeds = embeds + self.controls(control)[:, None].to(embeds.dtype)
-            out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+            out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
             return out.last_hidden_state, out.cache
         mask = torch.cat([mask.new_ones(len(ids), 1), mask], dim=1)
         positions = positions + 1
-        first_call = cache is None or cache.get_seq_length() == 0
+        first_call = cache is None or not cache.is_initialized
         if first_call:
             embeds = torch.cat([self.controls(control)[:, None].to(embeds.dtype), embeds], dim=1)
             positions = torch.cat([positions.new_zeros(len(ids), 1), positions], dim=1)
-        out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state[:, 1:] if first_call else out.last_hidden_state
         return hidden, out.cache
 

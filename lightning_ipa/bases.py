@@ -6,7 +6,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 import transformers
@@ -316,13 +316,14 @@ class LocalBase(Frozen):
         return encode_prompts(self.tokenizer, prompts, self.chat_template, self.system_prompt, self.lm.device)
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None) -> tuple[Tensor, object]:
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache=None, body: Optional[Callable] = None) -> tuple[Tensor, object]:
         """Next-token log-probs [B, V] (float32) after the last input position, and the KV cache.
 
-        ``ids``/``positions`` [B, L] are the new tokens; ``mask`` [B, past + L] covers all tokens.
+        ``ids``/``positions`` [B, L] are the new tokens; ``mask`` [B, past + L] covers all tokens (a ``StaticCache``: [B,
+        its length]). ``body``: what runs the transformer (default ``lm.base_model``; a compiled one for decoding steps).
         """
         self.forward_count += 1
-        out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = (self.lm.base_model if body is None else body)(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         # the head on a contiguous [B, H] slice: a strided 3-D input sends bfloat16 CPU matmuls down a slow path
         logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
         return top_k_only(logits.float().log_softmax(-1), self.top_k), out.cache

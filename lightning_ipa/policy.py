@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional, Union, get_args
+from functools import partial
+from typing import Callable, Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,8 @@ from .adapters import Adapter
 from .bases import LocalBase, prompt_lengths
 from .frozen import Frozen
 from .remote import RemoteBase
+from transformers import StaticCache
+
 from .types import PolicyOutput, Prompts, Responses, Rollout, position_ids, sequence
 
 NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; rows whose kept set is wider look among 4× as many
@@ -21,6 +24,8 @@ NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; ro
 # 32 MB mmap threshold, so they are reused from the heap rather than mapped and zeroed afresh (~2× faster on CPU)
 EVALUATE_BLOCK = 1 << 22
 RolloutMemory = Literal["auto", "full", "bfloat16", "top_k", "recompute"]
+Decoding = Literal["auto", "eager", "static", "compiled"]
+STATIC_CACHE_BLOCK = 64  # static KV caches hold prompt + max_new_tokens rounded up to this: fewer shapes to compile
 ROLLOUT_MEMORY_BUDGET = 4 << 30  # bytes: 'auto' keeps a rollout's [B, T, V] float32 base distributions up to this size
 
 
@@ -42,6 +47,14 @@ class Sampling:
             the splits a run reads before any work) or 'cut_left' (the first tokens of its text are dropped; BOS and the
             chat template's turns stay; the first cut warns, and the counts are logged as ``train/prompts_cut`` per
             rollout and ``val/prompts_cut``/``test/prompts_cut`` per evaluation).
+        decoding: How base and adapter decode one token per step: 'eager' (growing ``DynamicCache``s, each layer a
+            kernel launch from Python), 'static' (transformers' ``StaticCache``: pre-allocated, fixed-shape KV caches),
+            'compiled' (static caches, and each model's one-token step compiled once with ``torch.compile``, fullgraph:
+            on CUDA in mode "reduce-overhead", i.e. replayed as a CUDA graph; on CPU by inductor), or 'auto' (compiled
+            on CUDA, eager elsewhere). Every mode draws the same tokens for the same seed (up to float rounding);
+            sampling itself (top-k/top-p, the draw) stays eager. A remote base keeps its own cache (only the adapter's
+            step is static or compiled). Each new (rows, prompt width rounded up to ``STATIC_CACHE_BLOCK``) shape is
+            compiled once.
     """
 
     max_new_tokens: int = 32
@@ -51,6 +64,7 @@ class Sampling:
     top_p: float = 1.0
     min_tokens_to_keep: int = 1
     long_prompts: Literal["refuse", "cut_left"] = "refuse"
+    decoding: Decoding = "auto"
 
     def __post_init__(self):
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
@@ -59,6 +73,8 @@ class Sampling:
             raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0 and min_tokens_to_keep >= 1; got {self}")
         if self.long_prompts not in ("refuse", "cut_left"):
             raise ValueError(f"long_prompts must be 'refuse' or 'cut_left', got {self.long_prompts!r}")
+        if self.decoding not in get_args(Decoding):
+            raise ValueError(f"decoding must be one of {list(get_args(Decoding))}, got {self.decoding!r}")
 
 
 class Truncated(NamedTuple):
@@ -199,6 +215,7 @@ class TailoredPolicy(Frozen):
         never[self.pad_id] = not stops[self.pad_id] and self.pad_id != tokenizer.eos_token_id
         self.register_buffer("stops", stops, persistent=False)  # [V] the tokens that end a response (base.stop_ids)
         self.register_buffer("never_sampled", never, persistent=False)  # [V]
+        self.compiled: dict[int, Callable] = {}  # id(model body) → its compiled one-token step (decoding='compiled')
         self.prompts_cut = 0  # prompts cut from the left to fit the context window (long_prompts='cut_left'), in all
         self.last_cut = 0  # of them, in the last ``encode``
         self.context_window()  # refuses a window that max_new_tokens alone fills
@@ -351,6 +368,20 @@ class TailoredPolicy(Frozen):
         full = rows * self.sampling.max_new_tokens * self.base.vocab_size * 4
         return "full" if full <= ROLLOUT_MEMORY_BUDGET else "recompute"
 
+    def decoding(self, device: torch.device) -> Literal["eager", "static", "compiled"]:
+        """The decoding mode on ``device``: ``sampling.decoding``, 'auto' being 'compiled' on CUDA and 'eager' elsewhere."""
+        if self.sampling.decoding != "auto":
+            return self.sampling.decoding
+        return "compiled" if device.type == "cuda" else "eager"
+
+    def step_body(self, body: torch.nn.Module) -> Callable:
+        """``body`` (a transformer without its head) compiled once for one-token steps on a static cache: fullgraph, fixed
+        shapes, CUDA graphs on CUDA ("reduce-overhead"). Its weights are read at each call, so the adapter's updates show."""
+        if id(body) not in self.compiled:
+            mode = "reduce-overhead" if body.device.type == "cuda" else "default"
+            self.compiled[id(body)] = torch.compile(body, mode=mode, fullgraph=True, dynamic=False)
+        return self.compiled[id(body)]
+
     @torch.no_grad()
     def sample(self, prompts: Prompts, generator: Optional[torch.Generator] = None, samples_per_prompt: int = 1,
                top_p: Optional[float] = None, memory: RolloutMemory = "auto") -> Rollout:
@@ -396,20 +427,36 @@ class TailoredPolicy(Frozen):
         ones, the base's distributions as that mode says (``rollout_memory``; None: tokens only)."""
         s = self.sampling
         top_p = s.top_p if top_p is None else top_p
+        decoding = self.decoding(prompts.ids.device)
+        if decoding != "eager" and k > 1:  # a static cache reads each row's prompt: its buffers keep one address (CUDA graphs)
+            prompts, k = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0)), 1
+        rows, width = len(prompts.ids) * k, prompts.ids.shape[1]
+        base_static, adapter_static = decoding != "eager" and isinstance(self.base, LocalBase), decoding != "eager" and use_adapter
+        cache_width = -(-(width + s.max_new_tokens) // STATIC_CACHE_BLOCK) * STATIC_CACHE_BLOCK
+        base_body = self.step_body(self.base.lm.base_model) if base_static and decoding == "compiled" else None
         positions = position_ids(prompts.mask)
-        base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions)
+        base_cache = StaticCache(config=self.base.lm.config, max_cache_len=cache_width) if base_static else None
+        base_lp, base_cache = self.base(prompts.ids, prompts.mask, positions, base_cache)
         base_lp = base_lp.repeat_interleave(k, dim=0)
-        base_cache.batch_repeat_interleave(k)
-        adapter_cache, control, hidden = None, None, None
+        if k > 1:
+            base_cache.batch_repeat_interleave(k)
+        base_step = self.base if base_body is None else partial(self.base, body=base_body)
+        adapter_cache, adapter_body, control, hidden = None, None, None, None
         if use_adapter:
             control = self.adapter.sampling_control(len(prompts.ids), prompts.ids.device)
-            hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, use_cache=True, control=control)
+            if adapter_static:  # a control-code prefix takes one more slot
+                adapter_cache = StaticCache(config=self.adapter.body.config, max_cache_len=cache_width + self.adapter.prefix_length)
+                adapter_body = self.step_body(self.adapter.body) if decoding == "compiled" else None
+            hidden, adapter_cache = self.adapter(prompts.ids, prompts.mask, positions, adapter_cache, use_cache=True, control=control)
             hidden = hidden[:, -1].repeat_interleave(k, dim=0)
-            adapter_cache.batch_repeat_interleave(k)
+            if k > 1:
+                adapter_cache.batch_repeat_interleave(k)
             control = None if control is None else control.repeat_interleave(k)
         prompts = Prompts(prompts.ids.repeat_interleave(k, dim=0), prompts.mask.repeat_interleave(k, dim=0))
-        mask, next_position = prompts.mask, positions[:, -1].repeat_interleave(k, dim=0)
-        alive = torch.ones(prompts.ids.shape[0], dtype=torch.bool, device=mask.device)
+        # the attention mask of prompt + response, pre-allocated: a static cache reads all of it, a dynamic one what is written
+        mask = torch.cat([prompts.mask, prompts.mask.new_zeros(rows, cache_width - width)], dim=1)
+        next_position = positions[:, -1].repeat_interleave(k, dim=0)
+        alive = torch.ones(rows, dtype=torch.bool, device=mask.device)
         fields = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "kl", "base_distribution", "base_support", "hidden")
         steps: dict[str, list[Tensor]] = {name: [] for name in fields}
         support: list[Tensor] = []  # top_k: the most finite log-probs of the base at each step
@@ -436,12 +483,16 @@ class TailoredPolicy(Frozen):
             if t == s.max_new_tokens - 1 or not alive.any():
                 break
             # feed the sampled token to both models: one base forward per generated token
-            mask = torch.cat([mask, real.long()[:, None]], dim=1)
+            mask[:, width + t] = real.long()
             next_position = next_position + 1
-            base_lp, base_cache = self.base(token[:, None], mask, next_position[:, None], base_cache)
+            if decoding == "compiled" and mask.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+            written = mask[:, : width + t + 1]
+            base_lp, base_cache = base_step(token[:, None], mask if base_static else written, next_position[:, None], base_cache)
             if use_adapter:
-                hidden, adapter_cache = self.adapter(token[:, None], mask, next_position[:, None], adapter_cache, use_cache=True, control=control)
-                hidden = hidden[:, -1]
+                hidden, adapter_cache = self.adapter(token[:, None], mask if adapter_static else written, next_position[:, None], adapter_cache,
+                                                     use_cache=True, control=control, body=adapter_body)
+                hidden = hidden[:, -1] if adapter_body is None else hidden[:, -1].clone()  # a CUDA graph reuses its output's memory
         if support and int(torch.stack(support).max()) > self.base.support_size:  # some were not kept: refuse rather than cut
             raise ValueError(f"the base gave more than its support_size={self.base.support_size} finite log-probs at a step: "
                              "rollout_memory='top_k' would drop some; use 'full' or 'recompute'")

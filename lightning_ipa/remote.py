@@ -7,11 +7,10 @@ import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, TypeVar
 
+import httpx
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -113,8 +112,11 @@ class RemoteCache:
 class RemoteBase(Frozen):
     """The base policy behind an OpenAI-compatible ``/completions`` endpoint (vLLM, TGI, llama.cpp, OpenAI).
 
-    Each decoding step sends one request per unfinished row (concurrently), ``max_tokens=1`` and
-    ``logprobs=top_logprobs``, with the row's token ids as the prompt; the returned token strings are
+    Each decoding step sends one request for all unfinished rows: the completions API's list of prompts, each a row's
+    token ids, ``max_tokens=1`` and ``logprobs=top_logprobs``; a serving engine (vLLM, SGLang, TGI) batches them and
+    reuses the rows' shared prefixes. ``rows_per_request`` splits a step into several requests, sent concurrently
+    (``rows_per_request=1`` is one request per row). One HTTP client (httpx) keeps its connections open across requests.
+    Choice ``i`` of a reply (by its ``index``) answers prompt ``i``. The returned token strings are
     mapped to ids through the bytes the tokenizer's own decoder gives each id (``token_ids``): the text, with the
     leading space of SentencePiece's "▁" pieces, or OpenAI's ``bytes:\\xNN...`` where a token alone is not valid
     UTF-8. The base's log-probs are its top-k and -inf elsewhere, so the tailored policy lives on that support in
@@ -141,7 +143,8 @@ class RemoteBase(Frozen):
         timeout: float = 30.0,
         max_retries: int = 3,
         backoff: float = 0.5,
-        max_concurrency: int = 32,
+        rows_per_request: Optional[int] = None,
+        max_concurrency: int = 8,
         stop_tokens: Optional[StopTokens] = None,
         context_window: Optional[int] = None,
     ):
@@ -157,7 +160,9 @@ class RemoteBase(Frozen):
             timeout: Seconds per request.
             max_retries: Retries of a request that timed out, got HTTP 429/5xx or malformed JSON.
             backoff: Seconds before the first retry; doubled at each further one.
-            max_concurrency: Requests in flight at once.
+            rows_per_request: Prompts per request (None: all unfinished rows of a step in one). Set it to the server's
+                limit on the prompts of one request, if it has one.
+            max_concurrency: Requests in flight at once (and HTTP connections kept open) when a step needs several.
             stop_tokens: The tokens that end a response (ids or token strings; digits are ids); None: the model's own (``stop_ids``:
                 the tokenizer's EOS, the ``eos_token_id`` of a ``generation_config.json`` beside it, the chat
                 template's end of turn). Set it to what the server stops on when its tokenizer folder lacks them.
@@ -179,6 +184,10 @@ class RemoteBase(Frozen):
         self.system_prompt = system_prompt
         self.api_key_env = api_key_env
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        if rows_per_request is not None and rows_per_request < 1:
+            raise ValueError(f"RemoteBase: rows_per_request={rows_per_request}: give a positive number of prompts per request, or None for all")
+        self.rows_per_request = rows_per_request
+        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self.pool = ThreadPoolExecutor(max_concurrency)
         self.ids = token_ids(self.tokenizer)  # token bytes → id
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows the module's device
@@ -227,7 +236,7 @@ class RemoteBase(Frozen):
                     row.append(token)
         logprobs = torch.zeros(len(cache.rows), self.vocab_size)
         rows = [i for i, real in enumerate(alive.tolist()) if real]
-        for i, top in zip(rows, self.pool.map(self.top_logprobs_of, [cache.rows[i] for i in rows])):
+        for i, top in zip(rows, self.top_logprobs_of([cache.rows[i] for i in rows])):
             logprobs[i] = float("-inf")
             logprobs[i, list(top)] = torch.tensor(list(top.values()))
         return logprobs.to(self.anchor.device), cache
@@ -238,17 +247,30 @@ class RemoteBase(Frozen):
             "local proxy of the remote model (python -m lightning_ipa distill) and use the RemoteBase in test/predict"
         )
 
-    def top_logprobs_of(self, tokens: list[int]) -> dict[int, float]:
-        """{token id: log-prob} of the next token after ``tokens``: one request.
+    def top_logprobs_of(self, prompts: list[list[int]]) -> list[dict[int, float]]:
+        """{token id: log-prob} of the next token after each prompt (token ids): one request per ``rows_per_request`` prompts.
 
         Raises:
-            RuntimeError: no entry of the reply maps to a token id (the policy would have no support to sample from):
+            RuntimeError: no entry of a reply maps to a token id (the policy would have no support to sample from):
                 the tokenizer is not the served model's, or the server names tokens in a way ``token_ids`` does not read.
         """
-        body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "logprobs": self.top_logprobs, "temperature": 1.0}
+        if not prompts:
+            return []
+        size = self.rows_per_request or len(prompts)
+        chunks = [prompts[start : start + size] for start in range(0, len(prompts), size)]
+        replies = list(self.pool.map(self.request, chunks)) if len(chunks) > 1 else [self.request(chunks[0])]
+        return [self.token_logprobs(entries) for reply in replies for entries in reply]
+
+    def request(self, prompts: list[list[int]]) -> list[list[tuple[bytes, float]]]:
+        """The top-k entries (token bytes, log-prob) the endpoint returns for each prompt: one request."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "logprobs": self.top_logprobs, "temperature": 1.0}
+        return self.post(body, lambda reply: parse_top_logprobs(reply, len(prompts)))
+
+    def token_logprobs(self, entries: list[tuple[bytes, float]]) -> dict[int, float]:
+        """{token id: log-prob} of one reply's entries: its k highest (ties: the first in the reply), unmapped ones counted."""
         out, unmapped = {}, []
-        entries = sorted(self.post(body, parse_top_logprobs), key=lambda entry: -entry[1])  # stable: ties keep the reply's order
-        for raw, value in entries[: self.top_logprobs]:  # the k highest: not a sampled token appended beyond them
+        ranked = sorted(entries, key=lambda entry: -entry[1])  # stable: ties keep the reply's order
+        for raw, value in ranked[: self.top_logprobs]:  # the k highest: not a sampled token appended beyond them
             if raw in self.ids:
                 out[self.ids[raw]] = value
             else:
@@ -266,26 +288,28 @@ class RemoteBase(Frozen):
         return out
 
     def post(self, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
-        """``parse`` of the endpoint's JSON reply; timeouts, HTTP 429/5xx and malformed replies are retried with backoff."""
-        headers = {"Content-Type": "application/json"}
+        """``parse`` of the endpoint's JSON reply; timeouts, connection errors, HTTP 429/5xx and malformed replies are
+        retried with backoff (``max_retries`` times, ``backoff`` · 2^i seconds); other HTTP errors fail at once."""
+        headers = {}
         if self.api_key_env and (key := os.environ.get(self.api_key_env)):
             headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode()
         failure = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             start = time.perf_counter()
             try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, data, headers), timeout=self.timeout) as response:
-                    return parse(json.loads(response.read()))
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:200].decode(errors="replace")
-                if error.code != 429 and error.code < 500:
-                    raise RuntimeError(f"RemoteBase: {self.url} answered HTTP {error.code}: {detail}") from None
-                failure = f"HTTP {error.code}: {detail}"
-            except (TimeoutError, urllib.error.URLError) as error:
-                failure = f"no reply within {self.timeout} s" if isinstance(getattr(error, "reason", error), TimeoutError) else str(error)
+                response = self.client.post(self.url, json=body, headers=headers)
+                if response.status_code == 429 or response.status_code >= 500:
+                    failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                    continue
+                if response.is_error:
+                    raise RuntimeError(f"RemoteBase: {self.url} answered HTTP {response.status_code}: {response.text[:200]}")
+                return parse(response.json())
+            except httpx.TimeoutException:
+                failure = f"no reply within {self.timeout} s"
+            except httpx.TransportError as error:  # refused, reset, DNS: the server may be restarting
+                failure = f"{type(error).__name__}: {error}"
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
                 failure = f"malformed reply ({type(error).__name__}: {error})"
             finally:
@@ -295,6 +319,10 @@ class RemoteBase(Frozen):
         raise RuntimeError(f"RemoteBase: {self.url} failed {self.max_retries + 1} times; last: {failure}")
 
 
-def parse_top_logprobs(reply: Any) -> list[tuple[bytes, float]]:
-    """(token bytes, log-prob) of the completions schema's ``choices[0].logprobs.top_logprobs[0]``."""
-    return [(remote_token_bytes(token), float(value)) for token, value in reply["choices"][0]["logprobs"]["top_logprobs"][0].items()]
+def parse_top_logprobs(reply: Any, prompts: int) -> list[list[tuple[bytes, float]]]:
+    """(token bytes, log-prob) of each prompt's ``choices[i].logprobs.top_logprobs[0]`` in the completions schema,
+    choice ``i`` being the one whose ``index`` is i (OpenAI and vLLM number a list of prompts' choices in prompt order)."""
+    choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+    if [choice["index"] for choice in choices] != list(range(prompts)):
+        raise ValueError(f"{len(choices)} choices (indices {[choice['index'] for choice in choices][:8]}) for {prompts} prompts")
+    return [[(remote_token_bytes(token), float(value)) for token, value in choice["logprobs"]["top_logprobs"][0].items()] for choice in choices]

@@ -1,7 +1,8 @@
 """A minimal OpenAI-compatible completions endpoint over a local causal LM (tests, benchmarks, offline trials).
 
-``POST /v1/completions`` with ``{"prompt": [token ids], "logprobs": k}`` answers in the legacy completions
-schema: ``choices[0].logprobs.top_logprobs[0]`` maps the k most likely next tokens to their log-probs. A
+``POST /v1/completions`` with ``{"prompt": [token ids], "logprobs": k}`` (or a list of such prompts) answers in the
+legacy completions schema: ``choices[i].logprobs.top_logprobs[0]`` maps the k most likely tokens after prompt ``i`` to
+their log-probs; a list of prompts is read in one batched forward (left-padded, with position ids). A
 token is named by the text it adds after other tokens (a SentencePiece "▁" piece with its leading space, as
 vLLM names it), or ``bytes:\\xNN...`` where its bytes alone are not valid UTF-8, as OpenAI does.
 """
@@ -40,10 +41,18 @@ class CompletionsServer:
         self.generator = torch.Generator().manual_seed(0)
         self.lock = threading.Lock()  # one forward at a time
         self.requests = 0
+        self.connections = 0  # TCP connections accepted
         self.compute_seconds = 0.0  # in the model's forward, summed over requests
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: a client's connection serves many requests
+
+            def setup(self) -> None:
+                super().setup()
+                with owner.lock:
+                    owner.connections += 1
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 status, payload = owner.handle(self.path, dict(self.headers), self.rfile.read(length))
@@ -79,30 +88,45 @@ class CompletionsServer:
             return HTTPStatus.NOT_FOUND, {"error": {"message": f"no route {path}"}}
         try:
             request = json.loads(body)
-            ids, k = request["prompt"], int(request.get("logprobs") or 1)
-            if not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
-                raise ValueError("prompt must be a non-empty list of token ids")
+            prompts, k = request["prompt"], int(request.get("logprobs") or 1)
+            if isinstance(prompts, list) and prompts and all(isinstance(i, int) for i in prompts):
+                prompts = [prompts]  # one prompt
+            if not (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p and all(isinstance(i, int) for i in p) for p in prompts)):
+                raise ValueError("prompt must be a non-empty list of token ids, or a list of them")
         except (ValueError, KeyError, TypeError) as error:
             return HTTPStatus.BAD_REQUEST, {"error": {"message": str(error)}}
         self.requests += 1
-        return HTTPStatus.OK, self.complete(ids, k)
+        return HTTPStatus.OK, self.complete(prompts, k)
 
     @torch.no_grad()
-    def complete(self, ids: list[int], k: int) -> dict[str, Any]:
+    def complete(self, prompts: list[list[int]], k: int) -> dict[str, Any]:
+        """The reply to ``prompts`` (token ids each): one choice per prompt, from one batched forward."""
+        width = max(len(prompt) for prompt in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left-padded: every row's next token is read at the last position
+            ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.lock:
             start = time.perf_counter()
-            logits = self.lm(input_ids=torch.tensor([ids], device=self.lm.device)).logits[0, -1]
+            device = self.lm.device
+            logits = self.lm(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
             self.compute_seconds += time.perf_counter() - start
             logprobs = logits.float().log_softmax(-1).cpu()
             indices = logprobs.topk(k).indices.tolist()
-            chosen = torch.multinomial(logprobs.exp(), 1, generator=self.generator).item() if self.add_sampled_token else indices[0]
+            chosen = (torch.multinomial(logprobs.exp(), 1, generator=self.generator)[:, 0].tolist() if self.add_sampled_token
+                      else [row[0] for row in indices])
+        return {"object": "text_completion", "choices": [self.choice(i, row, top, token) for i, (row, top, token) in enumerate(zip(logprobs, indices, chosen))]}
+
+    def choice(self, index: int, logprobs: torch.Tensor, indices: list[int], chosen: int) -> dict[str, Any]:
+        """Choice ``index`` of a reply: the chosen token and the top-k entries (the chosen one last when not among them)."""
         top: dict[str, float] = {}
         listed = [*indices, chosen]  # the chosen token last: a (k + 1)-th entry when not among the top k
         for token_id, value in zip(listed, logprobs[listed].tolist()):
             top.setdefault(self.token_string(token_id), value)
         name = self.token_string(chosen)
         logprobs_field = {"tokens": [name], "token_logprobs": [logprobs[chosen].item()], "top_logprobs": [top]}
-        return {"object": "text_completion", "choices": [{"index": 0, "text": name, "finish_reason": "length", "logprobs": logprobs_field}]}
+        return {"index": index, "text": name, "finish_reason": "length", "logprobs": logprobs_field}
 
     def token_string(self, token_id: int) -> str:
         """How the API names a token (``token_bytes``, ``token_name``)."""

@@ -75,11 +75,14 @@ class FaultyServer(CompletionsServer):
         elif fault == "not json":
             return 200, b"{not json"
         elif fault == "no logprobs":
-            return 200, {"choices": [{"text": "x"}]}
+            return 200, {"choices": [{"index": 0, "text": "x"}]}
         elif fault == "unknown token":
-            return 200, {"choices": [{"logprobs": {"top_logprobs": [{"<eos>": -0.5, "no such token in this vocabulary": -1.0}]}}]}
+            return 200, {"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"<eos>": -0.5, "no such token in this vocabulary": -1.0}]}}]}
+        elif fault == "one choice short":
+            reply = super().complete(json.loads(body)["prompt"], 2)
+            return 200, {"choices": reply["choices"][:-1]}
         elif isinstance(fault, dict):  # this top_logprobs[0]
-            return 200, {"choices": [{"logprobs": {"top_logprobs": [fault]}}]}
+            return 200, {"choices": [{"index": 0, "logprobs": {"top_logprobs": [fault]}}]}
         return super().handle(path, headers, body)
 
 
@@ -90,9 +93,9 @@ class ReplySizes(CompletionsServer):
         super().__init__(model, **kwargs)
         self.sizes: list[int] = []
 
-    def complete(self, ids, k):
-        reply = super().complete(ids, k)
-        self.sizes.append(len(reply["choices"][0]["logprobs"]["top_logprobs"][0]))
+    def complete(self, prompts, k):
+        reply = super().complete(prompts, k)
+        self.sizes += [len(choice["logprobs"]["top_logprobs"][0]) for choice in reply["choices"]]
         return reply
 
 
@@ -190,7 +193,20 @@ def test_remote_base_gives_the_local_top_k_log_probs(server, tiny_llama):
     got, _ = far(prompts.ids, prompts.mask, position_ids(prompts.mask))
     assert torch.equal(got.isfinite(), expected.isfinite()) and (got.isfinite().sum(-1) == 8).all()
     assert torch.allclose(got[got.isfinite()], expected[expected.isfinite()], atol=1e-5)
-    assert far.requests == len(PROMPTS) and far.unmapped_tokens == 0
+    assert far.requests == 1 and server.requests == 1 and far.unmapped_tokens == 0  # all rows in one request
+
+
+def test_a_batch_of_prompts_is_answered_as_each_prompt_alone(tiny_llama):
+    """The server's batched, left-padded forward gives each prompt the log-probs it gets alone."""
+    with CompletionsServer(tiny_llama) as server:
+        tokenizer = server.tokenizer
+        prompts = [tokenizer.encode(text) for text in PROMPTS + TEXTS]
+        together = server.complete(prompts, 5)["choices"]
+        alone = [server.complete([prompt], 5)["choices"][0] for prompt in prompts]
+    assert [choice["index"] for choice in together] == list(range(len(prompts)))
+    for a, b in zip(together, alone):
+        a, b = a["logprobs"]["top_logprobs"][0], b["logprobs"]["top_logprobs"][0]
+        assert list(a) == list(b) and all(abs(a[name] - b[name]) < 1e-5 for name in a)
 
 
 def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, tiny_llama):
@@ -210,8 +226,22 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     real = b.response_mask.bool()
     assert (b.base_distribution[real].isfinite().sum(-1) == 8).all()  # the rollout keeps the support: the loss sees it too
     assert torch.allclose(far(b, with_kl=True).logprobs, b.logprobs, atol=1e-4)
-    # one request per prompt for the first token (its k samples share it), then one per row for each further token
-    assert far.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
+    # one request per decoding step, for all unfinished rows: as many as the longest response has tokens
+    assert far.base.requests == int(b.response_mask.sum(-1).max()) and far.base.unmapped_tokens == 0
+    assert server.connections == 1  # one connection kept open across the steps
+
+
+def test_rows_per_request_splits_a_step_into_concurrent_requests(server, tiny_llama):
+    """``rows_per_request=1`` is one request per unfinished row (the completions API with one prompt): same tokens."""
+    sampling = Sampling(max_new_tokens=5, top_p=0.95)
+    one, split = (TailoredPolicy(remote(server, tiny_llama, rows_per_request=n), None, sampling=sampling) for n in (None, 1))
+    a, b = (policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(1), samples_per_prompt=2) for policy in (one, split))
+    assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # the first token: one request per prompt (its samples share it); then one per unfinished row and token
+    assert split.base.requests == len(PROMPTS) + int(b.response_mask.sum()) - len(b.response_ids)
+    assert one.base.requests == int(a.response_mask.sum(-1).max())
+    with pytest.raises(ValueError, match="rows_per_request=0: give a positive number"):
+        remote(server, tiny_llama, rows_per_request=0)
 
 
 def test_a_one_token_wide_batch_is_read_once(tiny_gpt2_other_vocab):
@@ -231,18 +261,19 @@ def test_a_one_token_wide_batch_is_read_once(tiny_gpt2_other_vocab):
         (["not json"] * 3, r"failed 3 times; last: malformed reply \(JSONDecodeError"),
         (["no logprobs"] * 3, r"failed 3 times; last: malformed reply \(KeyError: 'logprobs'"),
         (["slow"] * 3, "failed 3 times; last: no reply within 0.2 s"),
+        (["one choice short"] * 3, r"failed 3 times; last: malformed reply \(ValueError: 1 choices \(indices \[0\]\) for 2 prompts"),
     ],
 )
 def test_failures_are_retried_then_reported(tiny_llama, faults, message):
     with FaultyServer(tiny_llama, faults) as server:
         base = remote(server, tiny_llama, max_retries=2, timeout=0.2)
-        prompts = base.encode(PROMPTS[:1])
+        prompts = base.encode(PROMPTS[:2] if "one choice short" in faults else PROMPTS[:1])
         with pytest.raises(RuntimeError, match=message):
             base(prompts.ids, prompts.mask, position_ids(prompts.mask))
         assert base.requests == 3
         server.faults = ["500", "slow"]  # two failures, then an answer: within the retries
         logprobs, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
-        assert logprobs.isfinite().sum() == 8 and base.requests == 6
+        assert (logprobs.isfinite().sum(-1) == 8).all() and base.requests == 6
 
 
 def test_client_errors_are_not_retried(tiny_llama):
