@@ -1,6 +1,7 @@
 """Tailored sampling through an API base (RemoteBase): one request per step vs one per row, and a local top-k base.
 
-A CompletionsServer on 127.0.0.1 serves the base model (its forward runs in this process, one request at a time);
+A CompletionsServer on 127.0.0.1 serves the base model (its forward runs in this process, one request at a time; it keeps
+prompts' KV caches as serving engines do, emptied before each timed run);
 the three policies share one adapter and sample the same prompts with the same seed (so the same tokens), alternating,
 and the median of ``--repeats`` runs is compared:
 
@@ -83,6 +84,7 @@ def main() -> None:
             generated = dict.fromkeys(policies, 0)
             for repeat in range(args.repeats):
                 for name, policy in policies.items():
+                    server.prefixes.clear()  # each rollout starts cold, as new prompts would: nothing of another run is reused
                     server_before = server.compute_seconds
                     start = time.perf_counter()
                     rollout = policy.sample(policy.encode(prompts), torch.Generator().manual_seed(repeat))

@@ -2,7 +2,9 @@
 
 ``POST /v1/completions`` with ``{"prompt": [token ids], "logprobs": k}`` (or a list of such prompts) answers in the
 legacy completions schema: ``choices[i].logprobs.top_logprobs[0]`` maps the k most likely tokens after prompt ``i`` to
-their log-probs; a list of prompts is read in one batched forward (left-padded, with position ids). A
+their log-probs; a list of prompts is read in one batched forward (left-padded, with position ids), and, as serving
+engines do (vLLM's automatic prefix caching), the KV cache of each prompt is kept so that a prompt that extends one by a
+token reads only that token. A
 token is named by the text it adds after other tokens (a SentencePiece "▁" piece with its leading space, as
 vLLM names it), or ``bytes:\\xNN...`` where its bytes alone are not valid UTF-8, as OpenAI does.
 """
@@ -12,11 +14,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .bases import DType, load_causal_lm, load_tokenizer, resolve_pretrained
 from .remote import token_bytes, token_name
@@ -28,10 +34,15 @@ class CompletionsServer:
     The reply's token is the most likely one; with ``add_sampled_token`` it is sampled (temperature 1) and, when it
     is not among the top k, added to them as entry k + 1, as vLLM does (the OpenAI contract allows ``logprobs + 1``).
     Ids with the same name (a byte-fallback piece and the piece that spells its byte) share one entry: the first's.
+
+    ``prefix_cache`` prompts' KV caches are kept (least recently used first out): a prompt that is a kept one plus one
+    token, as in token-by-token decoding, reads that token alone (for models whose every layer caches all positions; a
+    sliding-window model reads whole prompts).
     """
 
     def __init__(
-        self, name_or_path: str, host: str = "127.0.0.1", port: int = 0, dtype: DType = "float32", add_sampled_token: bool = False
+        self, name_or_path: str, host: str = "127.0.0.1", port: int = 0, dtype: DType = "float32", add_sampled_token: bool = False,
+        prefix_cache: int = 256,
     ):
         path = resolve_pretrained(name_or_path)
         self.tokenizer = load_tokenizer(path)
@@ -40,8 +51,11 @@ class CompletionsServer:
         self.add_sampled_token = add_sampled_token
         self.generator = torch.Generator().manual_seed(0)
         self.lock = threading.Lock()  # one forward at a time
+        self.prefix_cache = prefix_cache if all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.lm.config).layers) else 0
+        self.prefixes: OrderedDict[tuple[int, ...], tuple[list[tuple[Tensor, Tensor]], Tensor]] = OrderedDict()  # prompt → its (K, V) per layer, last logits
         self.requests = 0
         self.connections = 0  # TCP connections accepted
+        self.computed_tokens = 0  # prompt tokens the model read (the rest came from the prefix cache)
         self.compute_seconds = 0.0  # in the model's forward, summed over requests
         owner = self
 
@@ -100,23 +114,60 @@ class CompletionsServer:
 
     @torch.no_grad()
     def complete(self, prompts: list[list[int]], k: int) -> dict[str, Any]:
-        """The reply to ``prompts`` (token ids each): one choice per prompt, from one batched forward."""
-        width = max(len(prompt) for prompt in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # left-padded: every row's next token is read at the last position
-            ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        """The reply to ``prompts`` (token ids each): one choice per prompt, from at most two batched forwards (the
+        prompts that extend a cached one by a token, and the others)."""
         with self.lock:
             start = time.perf_counter()
-            device = self.lm.device
-            logits = self.lm(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
+            logits = self.next_token_logits(prompts)
             self.compute_seconds += time.perf_counter() - start
             logprobs = logits.float().log_softmax(-1).cpu()
             indices = logprobs.topk(k).indices.tolist()
             chosen = (torch.multinomial(logprobs.exp(), 1, generator=self.generator)[:, 0].tolist() if self.add_sampled_token
                       else [row[0] for row in indices])
         return {"object": "text_completion", "choices": [self.choice(i, row, top, token) for i, (row, top, token) in enumerate(zip(logprobs, indices, chosen))]}
+
+    def next_token_logits(self, prompts: list[list[int]]) -> Tensor:
+        """Logits [n, V] of the token after each prompt; prompts' KV caches are kept for the next request (``prefix_cache``)."""
+        logits: list[Optional[Tensor]] = [None] * len(prompts)
+        known = [i for i, p in enumerate(prompts) if tuple(p) in self.prefixes]  # asked again: the kept answer
+        extend = [i for i, p in enumerate(prompts) if i not in known and tuple(p[:-1]) in self.prefixes]
+        read = [i for i in range(len(prompts)) if i not in known and i not in extend]
+        for i in known:
+            logits[i] = self.prefixes[tuple(prompts[i])][1]
+            self.prefixes.move_to_end(tuple(prompts[i]))
+        for group, past in ((read, None), (extend, [self.prefixes[tuple(prompts[i][:-1])][0] for i in extend])):
+            if group:
+                for i, (kv, last) in zip(group, self.forward([prompts[i] for i in group], past)):
+                    logits[i] = last
+                    if self.prefix_cache:
+                        self.prefixes[tuple(prompts[i])] = kv, last
+        while len(self.prefixes) > self.prefix_cache:
+            self.prefixes.popitem(last=False)
+        return torch.stack(logits)
+
+    def forward(self, prompts: list[list[int]], past: Optional[list[list[tuple[Tensor, Tensor]]]]) -> list[tuple[list[tuple[Tensor, Tensor]], Tensor]]:
+        """One batched, left-padded forward: of whole prompts (``past`` None), or of each prompt's last token after its
+        kept KV cache. Returns each prompt's (K, V) per layer ([1, heads, length, head dim], no padding) and next-token logits."""
+        device = self.lm.device
+        lengths = [len(p) for p in prompts]
+        new = [1 if past is not None else n for n in lengths]  # tokens each row reads now
+        width = max(lengths)
+        ids = torch.zeros(len(prompts), max(new), dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (prompt, n) in enumerate(zip(prompts, new)):  # left-padded: every row's next token is read at the last position
+            ids[row, ids.shape[1] - n :], mask[row, width - len(prompt) :] = torch.tensor(prompt[-n:]), 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        cache = DynamicCache(config=self.lm.config)
+        if past is not None:  # the rows' kept caches, left-padded to one length
+            for layer in range(len(past[0])):
+                keys, values = ([torch.nn.functional.pad(kv[layer][j], (0, 0, width - 1 - kv[layer][j].shape[2], 0)) for kv in past] for j in (0, 1))
+                cache.update(torch.cat(keys), torch.cat(values), layer)
+        self.computed_tokens += sum(new)
+        out = self.lm(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache,
+                      use_cache=True, logits_to_keep=1)
+        kept = [[(layer.keys[row : row + 1, :, width - n :], layer.values[row : row + 1, :, width - n :]) for layer in out.cache.layers]
+                for row, n in enumerate(lengths)] if self.prefix_cache else [None] * len(prompts)
+        return list(zip(kept, out.logits[:, -1]))
 
     def choice(self, index: int, logprobs: torch.Tensor, indices: list[int], chosen: int) -> dict[str, Any]:
         """Choice ``index`` of a reply: the chosen token and the top-k entries (the chosen one last when not among them)."""

@@ -231,6 +231,23 @@ def test_tailored_sampling_through_the_api_equals_the_local_top_k_base(server, t
     assert server.connections == 1  # one connection kept open across the steps
 
 
+def test_the_servers_prefix_cache_reads_each_new_token_once_and_changes_no_answer(tiny_llama):
+    """As vLLM's prefix caching: a prompt that extends a kept one by a token reads that token alone."""
+    sampling = Sampling(max_new_tokens=6, min_new_tokens=6)
+    rollouts = []
+    with CompletionsServer(tiny_llama) as cached, CompletionsServer(tiny_llama, prefix_cache=0) as uncached:
+        for server in (cached, uncached):
+            policy = TailoredPolicy(remote(server, tiny_llama), None, sampling=sampling)
+            prompts = policy.encode(PROMPTS)
+            rollouts.append(policy.sample(prompts, torch.Generator().manual_seed(2), samples_per_prompt=2))
+    (a, b), rows = rollouts, 2 * len(PROMPTS)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert cached.computed_tokens == int(prompts.mask.sum()) + rows * 5  # the prompts once, then each row's new token
+    # without it, each step reads every row whole: the prompts, then 2 rows × (prompt + 1..5 response tokens) per prompt
+    assert uncached.computed_tokens == int(prompts.mask.sum()) * (1 + 2 * 5) + rows * sum(range(1, 6))
+    assert 0 < len(cached.prefixes) <= len(PROMPTS) + rows * 5 and not uncached.prefixes  # rows alike so far share one
+
+
 def test_rows_per_request_splits_a_step_into_concurrent_requests(server, tiny_llama):
     """``rows_per_request=1`` is one request per unfinished row (the completions API with one prompt): same tokens."""
     sampling = Sampling(max_new_tokens=5, top_p=0.95)
