@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test benchmark benchmark-learning benchmark-remote benchmark-memory tensorboard clean
+.PHONY: quickstart test benchmark benchmark-learning benchmark-remote benchmark-rollout tensorboard clean
 
 $(BIN)/.installed: pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,8 @@ benchmark-learning: $(BIN)/.installed  ## PPO, Quark and RLOO on the quickstart 
 benchmark-remote: $(BIN)/.installed  ## tailored sampling through a local HTTP API base vs the same local top-k base
 	$(BIN)/python benchmarks/remote.py
 
-benchmark-memory: $(BIN)/.installed  ## peak memory of a rollout per rollout_memory mode (random Llama-3-vocabulary base)
-	$(BIN)/python benchmarks/rollout_memory.py
+benchmark-rollout: $(BIN)/.installed  ## one RL step at the paper's shapes (random models): sampling / reward / update seconds and peak memory per rollout_memory mode
+	$(BIN)/python benchmarks/rollout.py
 
 tensorboard: $(BIN)/.installed
 	$(BIN)/tensorboard --logdir runs

@@ -152,7 +152,10 @@ def round_trip(server: CompletionsServer, gemma: str) -> None:
     got, _ = far(ids, mask, position_ids(mask))
     assert far.requests == 1 and far.unmapped_tokens == 0
     with torch.no_grad():
-        expected = server.lm(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+        served = server.next_token_logits([ids[0].tolist()])[0].float().log_softmax(-1)  # what the server answered (kept)
+        expected = server.lm(input_ids=ids).logits[0, -1].float().log_softmax(-1)  # the model alone, without the server's cache
+    assert torch.allclose(served, expected, atol=1e-4)
+    expected = served
     got = got[0]
     assert set((~got.isfinite()).nonzero().flatten().tolist()) == set(twins)
     alone = got.isfinite()
