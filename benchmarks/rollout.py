@@ -4,8 +4,9 @@ Randomly initialised models of the shapes below (no download), the tests' in-pro
 few hundred of the vocabulary; the reward reads the sampled ids folded into them), and a random RoBERTa-base classifier
 as the reward (the shape of Detoxify's, the paper's toxicity reward) through ``ClassifierReward``. Each mode runs in its
 own process, so that its peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) is its own. One step = ``sample``
-(with the rollout's kept distributions, as the mode says) → reward → the update: ``read`` where the mode recomputes,
-the policy's forward with the exact KL over the rollout, backward, an AdamW step of the adapter.
+(with the rollout's kept distributions, as the mode says) → reward → the updates, one per minibatch of
+``--minibatch-size`` rows as ``IPAModule.update`` does them: ``read`` where the mode recomputes, the policy's forward
+with the exact KL, backward, an AdamW step of the adapter.
 
 Shapes (``--shape``; paper-scale ``--batch``/``--new-tokens`` defaults per shape):
 - ``gpt2-large``: GPT-2 large base (774M, V = 50,257) + GPT-2 small adapter (124M): IPA's toxicity setting, 128 × 20;
@@ -32,11 +33,12 @@ sys.path.insert(0, str(ROOT))  # tests.conftest's in-process tokenizer
 MODES = ("full", "bfloat16", "top_k", "recompute")
 SHAPES = {  # base, adapter (its own model, or the base's first k layers), paper-scale batch × new tokens
     "gpt2-large": {"base": {"family": "gpt2", "vocab": 50257, "hidden": 1280, "layers": 36, "heads": 20},
-                   "adapter": {"family": "gpt2", "vocab": 50257, "hidden": 768, "layers": 12, "heads": 12}, "batch": 128, "new_tokens": 20},
+                   "adapter": {"family": "gpt2", "vocab": 50257, "hidden": 768, "layers": 12, "heads": 12}, "batch": 128, "new_tokens": 20,
+                   "minibatch_size": 128},
     "llama-3.2-1b": {"base": {"family": "llama", "vocab": 128256, "hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192},
-                     "adapter": 2, "batch": 512, "new_tokens": 128},
+                     "adapter": 2, "batch": 512, "new_tokens": 128, "minibatch_size": 32},
     "llama-128k-tiny": {"base": {"family": "llama", "vocab": 128256, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 512},
-                        "adapter": 1, "batch": 64, "new_tokens": 32},
+                        "adapter": 1, "batch": 64, "new_tokens": 32, "minibatch_size": 16},
 }
 
 
@@ -91,6 +93,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
     from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
     from lightning_ipa.rewards import ClassifierReward
+    from lightning_ipa.types import select
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,13 +112,17 @@ def run_mode(args: argparse.Namespace) -> dict:
     texts = base.tokenizer.batch_decode(rollout.response_ids % len(base.tokenizer), skip_special_tokens=True)
     scores = reward([""] * len(texts), texts, [{}] * len(texts))["reward"]
     rewarded = synchronize(device)
-    if rollout.base_distribution is None:
-        rollout = policy.read(rollout)
-    output = policy(rollout, with_kl=True)
     advantages = scores.float().to(device)[:, None] - 0.5
-    loss = -(output.logprobs * advantages * rollout.response_mask).sum() / rollout.response_mask.sum() + 0.05 * output.kl.mean()
-    loss.backward()
-    optimizer.step()
+    for rows in torch.arange(args.batch, device=device).split(args.minibatch_size):  # IPAModule.update, one epoch
+        minibatch = select(rollout, rows)
+        if minibatch.base_distribution is None:
+            minibatch = policy.read(minibatch)
+        output = policy(minibatch, with_kl=True)
+        mask = minibatch.response_mask
+        loss = -(output.logprobs * advantages[rows] * mask).sum() / mask.sum() + 0.05 * (output.kl * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     done = synchronize(device)
     kept = sum(t.numel() * t.element_size() for t in (rollout.base_distribution, rollout.base_support) if t is not None)
     if args.mode == "recompute":
@@ -130,6 +137,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-128k-tiny")
     parser.add_argument("--batch", type=int, help="samples per rollout (B; default: the shape's)")
     parser.add_argument("--new-tokens", type=int, help="tokens per response (T; default: the shape's)")
+    parser.add_argument("--minibatch-size", type=int, help="rows per update (default: the shape's)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="rollout_memory modes to run")
     parser.add_argument("--top-k", type=int, default=20, help="the base's support in the top_k mode (an API base's top_logprobs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's weights")
@@ -140,6 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batch = args.batch or SHAPES[args.shape]["batch"]
     args.new_tokens = args.new_tokens or SHAPES[args.shape]["new_tokens"]
+    args.minibatch_size = args.minibatch_size or SHAPES[args.shape]["minibatch_size"]
     if args.mode:  # a child: one mode
         print(json.dumps(run_mode(args)))
         return
@@ -154,7 +163,7 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first = rows[0]
     vocab = SHAPES[args.shape]["base"]["vocab"]
-    print(f"\n{args.shape}: B={args.batch} × T={args.new_tokens} × V={vocab}, base {args.dtype}, decoding {args.decoding}, "
+    print(f"\n{args.shape}: B={args.batch} × T={args.new_tokens} × V={vocab}, minibatches of {args.minibatch_size}, base {args.dtype}, decoding {args.decoding}, "
           f"top_k support {args.top_k} (top_k mode only), on {first['device']}; peak ratios to '{first['mode']}'")
     print(f"{'mode':<10} {'sample s':>9} {'reward s':>9} {'update s':>9} {'kept MB':>9} {'peak MB':>9} {'peak ratio':>11}")
     for row in rows:

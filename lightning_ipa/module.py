@@ -70,7 +70,7 @@ class IPAModule(LightningModule):
                 explores the whole tailored distribution, as Quark does, while evaluation keeps top-p.
             rollout_memory: How a rollout keeps the base's distributions for the update
                 (``TailoredPolicy.rollout_memory``): 'full' (float32 [B, T, V]), 'bfloat16', 'top_k' (exact for a top-k
-                or API base), 'recompute' (the base reads the responses again before the updates), or 'auto' (the
+                or API base), 'recompute' (the base reads each minibatch again before its update), or 'auto' (the
                 default: 'top_k' for a top-k base, else 'full' up to 4 GiB a rollout, else 'recompute').
             lr: Learning rate of the adapter's transformer layers.
             head_lr: Learning rate of what starts from scratch: the adapter's output head and control
@@ -128,7 +128,7 @@ class IPAModule(LightningModule):
         rollout = self.sample(batch)  # 1. k responses per prompt from base ⊗ adapter^α; the base runs once per token
         scores = self.score(repeat_prompts(batch, self.algorithm.samples_per_prompt), self.decode(rollout))  # 2. reward and parts [B]
         rewards = self.shaped_reward(rollout, scores["reward"])
-        experience = self.experience(rollout, rewards)  # 3. advantages and returns; Quark: a batch replayed from its pool
+        experience = self.algorithm.make_experience(rollout, rewards)  # 3. advantages and returns; Quark: a batch replayed from its pool
         self.algorithm.control_kl(rollout)  # 4. the adaptive KL coefficient, towards kl_target
         stats = [self.update(minibatch, batch_idx, i) for i, minibatch in enumerate(self.algorithm.minibatches(experience))]  # 5.
         self.log_training(rollout, scores, stats)  # 6. log the rollout and its updates, then step the learning rates
@@ -140,16 +140,6 @@ class IPAModule(LightningModule):
         prompts = self.policy.encode(batch["prompt"])
         k, top_p, memory = self.algorithm.samples_per_prompt, self.hparams.rollout_top_p, self.hparams.rollout_memory
         return self.policy.sample(prompts, samples_per_prompt=k, top_p=top_p, memory=memory)
-
-    def experience(self, rollout: Rollout, rewards: Tensor) -> Experience:
-        """The algorithm's experience (``Algorithm.make_experience``) from a rollout and its rewards [B], ready for the
-        updates: samples without the base's distributions (``Responses`` replayed from a pool by Quark, a rollout
-        sampled with ``rollout_memory='recompute'``) are read by the base here, once per rollout
-        (``TailoredPolicy.read``); other rollouts bring them from sampling."""
-        experience = self.algorithm.make_experience(rollout, rewards)
-        if experience.samples.base_distribution is None:
-            experience = experience._replace(samples=self.policy.read(experience.samples))
-        return experience
 
     def decode(self, rollout: Union[Rollout, Responses]) -> list[str]:
         """Response texts (``TailoredPolicy.decode``; for rewards and logs only: training uses the token ids)."""
@@ -183,7 +173,9 @@ class IPAModule(LightningModule):
 
     def update(self, minibatch: Experience, batch_idx: int, update: int) -> dict[str, Tensor]:
         """One optimizer step of the adapter on a minibatch: the policy's forward pass, the algorithm's loss, a
-        non-finite check, backward, gradient clipping (``max_grad_norm``), step.
+        non-finite check, backward, gradient clipping (``max_grad_norm``), step. Samples without the base's
+        distributions (``Responses`` Quark replays from its pool, a rollout sampled with ``rollout_memory='recompute'``)
+        are read by the base first (``TailoredPolicy.read``): one minibatch's [m, T, V] at a time, once per epoch.
 
         Args:
             minibatch: Rows of the rollout's experience (``Algorithm.minibatches``).
@@ -196,7 +188,10 @@ class IPAModule(LightningModule):
             FloatingPointError: a non-finite loss (``check_finite``), before anything reaches the weights.
         """
         optimizer = self.optimizers()
-        loss = self.algorithm.loss(self.policy(minibatch.samples, with_kl=self.algorithm.needs_exact_kl), minibatch)
+        samples = minibatch.samples
+        if samples.base_distribution is None:  # Quark's replays, rollout_memory='recompute': the base reads this minibatch
+            samples = self.policy.read(samples)
+        loss = self.algorithm.loss(self.policy(samples, with_kl=self.algorithm.needs_exact_kl), minibatch)
         self.check_finite(loss, batch_idx, update)
         optimizer.zero_grad()
         self.manual_backward(loss.loss)

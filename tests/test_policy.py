@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_ipa.policy import NUCLEUS_CANDIDATES, TailoredPolicy, kl_divergence, truncate
+from lightning_ipa.policy import NUCLEUS_CANDIDATES, TailoredPolicy, TokenStats, kl_divergence, truncate
 from lightning_ipa.types import Responses, position_ids
 
 PROMPTS = ["Write one sentence that uses all of these words: dog, tree, run.", "A child", "The cat sleeps on the warm roof and"]
@@ -346,3 +346,66 @@ def test_replayed_responses_are_read_by_the_base_in_one_pass(policy_factory):
     assert torch.allclose(replayed.base_distribution[real], rollout.base_distribution[real], atol=1e-4)
     replay = policy(replayed, with_kl=True)
     assert torch.allclose(replay.logprobs, fresh.logprobs, atol=1e-4) and torch.allclose(replay.kl, fresh.kl, atol=1e-4)
+
+
+def autograd_stats(scores: torch.Tensor, tokens: torch.Tensor, ref_logprobs):
+    """log π(y), entropy and exact KL as autograd differentiates them without ``TokenStats`` (the loss's code before it)."""
+    logprobs = scores.log_softmax(-1)
+    lowest = torch.finfo(torch.float32).min
+    entropy = -(logprobs.exp() * logprobs.clamp(min=lowest)).sum(-1)
+    kl = kl_divergence(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(entropy)
+    return logprobs.gather(-1, tokens[:, None]).squeeze(-1), entropy, kl
+
+
+@pytest.mark.parametrize("support", [None, 5])  # the whole vocabulary, or a top-5 base (−inf elsewhere)
+@pytest.mark.parametrize("with_kl", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_stats_has_autograds_values_and_gradients(support, with_kl, temperature):
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 8, 64
+    base = (3 * torch.randn(n, vocab, generator=g)).log_softmax(-1)
+    if support:
+        base = base.masked_fill(base < base.topk(support, -1).values[:, -1:], float("-inf"))
+    banned = torch.zeros(vocab, dtype=torch.bool)
+    banned[[0, 7]] = True  # padding, an early stop token
+    adapter = torch.randn(n, vocab, generator=g, requires_grad=True)
+
+    def scores(weight):
+        return (base + 1.5 * weight).masked_fill(banned, float("-inf")) / temperature
+
+    ref = (base.masked_fill(banned, float("-inf")) / temperature).log_softmax(-1) if with_kl else None
+    tokens = torch.multinomial(scores(adapter).detach().softmax(-1), 1, generator=g).squeeze(-1)
+
+    def run(stats, upstream):
+        out = stats(scores(adapter), tokens, ref)
+        (grad,) = torch.autograd.grad(sum((w * o).sum() for w, o in zip(upstream, out)), adapter)
+        return [o.detach() for o in out], grad
+
+    upstream = 2 * torch.rand(3, n, generator=g) - 1  # loss weights as RL's are: a coefficient over a token count
+    (fused, fused_grad), (plain, plain_grad) = run(TokenStats.apply, upstream), run(autograd_stats, upstream)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))  # the same forward computation
+    assert torch.allclose(fused_grad, plain_grad, rtol=1e-5, atol=1e-6) and (fused_grad[:, banned] == 0).all()
+    # weights ≥ 1 on the entropy: autograd's backward of exp(log π)·clamp(log π) meets (w·lowest = −inf)·0 at tokens of
+    # probability 0 and gives NaN; the closed form reads 0 there
+    _, plain_grad = run(autograd_stats, 100 * upstream)
+    _, fused_grad = run(TokenStats.apply, 100 * upstream)
+    assert plain_grad.isnan().any() and fused_grad.isfinite().all()
+
+
+def test_the_loss_pass_keeps_a_few_bytes_per_token_and_vocabulary_entry(policy_factory):
+    """Memory of the update: what autograd keeps for backward over the vocabulary, per real token (Llama-3 scale: V = 128k)."""
+    policy = policy_factory(head="zeros", max_new_tokens=6)
+    rollout = policy.sample(policy.base.encode(PROMPTS), torch.Generator().manual_seed(0))
+    vocab, kept = policy.base.vocab_size, {}
+    weights = {p.untyped_storage().data_ptr() for p in policy.parameters()}  # the head's [H, V]: not per token
+
+    def pack(t):
+        if t.shape[-1] == vocab and t.untyped_storage().data_ptr() not in weights:  # [n, V] blocks, once per storage
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for with_kl, most in ((True, 9), (False, 5)):  # float32 log π (+ the reference) and the bans' bool mask
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            policy(rollout, with_kl=with_kl)
+        assert sum(kept.values()) <= most * int(rollout.response_mask.sum()) * vocab
