@@ -86,3 +86,24 @@ def test_compiled_steps_draw_what_eager_steps_draw(tiny_llama):
     a = eager.sample(prompts, torch.Generator().manual_seed(8), samples_per_prompt=2)
     b = compiled.sample(prompts, torch.Generator().manual_seed(8), samples_per_prompt=2)
     assert_same_rollouts(a, b)
+
+
+def test_static_caches_of_sliding_window_layers_past_their_window(tmp_path):
+    """A Gemma 3 whose sliding layers see 8 tokens, decoding 45: the static cache's sliding layers roll as the dynamic ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tests.conftest import train_tokenizer
+
+    tokenizer = train_tokenizer(400, ["<eos>", "<pad>"])
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, sliding_window=8, max_position_embeddings=256,
+                              layer_types=["sliding_attention", "full_attention"] * 2, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    eager, static = policies(str(tmp_path), ["eager", "static"], max_new_tokens=20)
+    prompts = eager.encode(["The quick brown fox jumps over the lazy dog", "Once"])
+    assert prompts.ids.shape[1] + 20 > 2 * config.sliding_window
+    a, b = (policy.sample(prompts, torch.Generator().manual_seed(2), samples_per_prompt=2) for policy in (eager, static))
+    assert_same_rollouts(a, b)

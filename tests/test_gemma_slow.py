@@ -196,3 +196,16 @@ def test_gemma_stops_at_end_of_turn_with_its_chat_template(gemma_chat):
     assert not (rollout.response_ids[:, :3] == END_OF_TURN).any() and policy.ended(rollout.response_ids, rollout.response_mask).all()
     assert base.forward_count == 4  # once per generated token: none after the end of turn
     assert all("<end_of_turn>" not in text for text in policy.decode(rollout.response_ids, rollout.response_mask))
+
+
+def test_static_kv_caches_of_a_sliding_window_model_draw_what_dynamic_ones_draw(gemma):
+    """Gemma 3 alternates sliding-window and global layers: its StaticCache has both kinds of layer."""
+    base = LocalBase(gemma, dtype="float32")
+    assert "sliding_attention" in base.lm.config.layer_types
+    adapter = Adapter.build(AdapterConfig(num_layers=2, head="zeros"), base)
+    nn.init.normal_(adapter.head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    policies = [TailoredPolicy(base, adapter, 1.0, Sampling(max_new_tokens=6, top_p=0.9, decoding=mode)) for mode in ("eager", "static")]
+    prompts = policies[0].encode(["The quick brown fox jumps over the", "Once upon a time"])
+    eager, static = (policy.sample(prompts, torch.Generator().manual_seed(2), samples_per_prompt=2) for policy in policies)
+    assert torch.equal(eager.response_ids, static.response_ids)
+    assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-3) and torch.allclose(eager.kl, static.kl, atol=1e-3)

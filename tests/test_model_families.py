@@ -297,3 +297,15 @@ def test_a_fit_step_with_that_base_is_finite(zoo, family):
     fit = trainer(max_steps=1, limit_val_batches=0)
     fit.fit(module, datamodule=FixedPrompts(PROMPTS))  # a non-finite loss would raise FloatingPointError
     assert fit.global_step == 1 and math.isfinite(fit.callback_metrics["train/reward"])
+
+
+def test_static_kv_caches_draw_what_dynamic_ones_draw(family, zoo):
+    """``Sampling.decoding='static'`` (transformers' StaticCache for base and adapter) in every family: same tokens."""
+    base = LocalBase(zoo(family.name), dtype="float32")
+    adapter = Adapter.build(AdapterConfig(num_layers=1, head="zeros"), base)
+    nn.init.normal_(adapter.head.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    policies = [TailoredPolicy(base, adapter, 1.0, Sampling(max_new_tokens=8, top_p=0.9, decoding=mode)) for mode in ("eager", "static")]
+    prompts = policies[0].encode(PROMPTS)
+    eager, static = (policy.sample(prompts, torch.Generator().manual_seed(1), samples_per_prompt=2) for policy in policies)
+    assert torch.equal(eager.response_ids, static.response_ids) and torch.equal(eager.response_mask, static.response_mask)
+    assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-4) and torch.allclose(eager.kl, static.kl, atol=1e-4)
