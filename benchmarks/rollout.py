@@ -169,10 +169,9 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:<10} {row['sample_s']:>9.2f} {row['reward_s']:>9.2f} {row['update_s']:>9.2f} {row['kept_bytes'] / 2**20:>9.1f} "
               f"{row['peak_bytes'] / 2**20:>9.0f} {row['peak_bytes'] / first['peak_bytes']:>11.2f}")
-    from lightning_ipa.io import write_text_atomic
+    from results import write_results
 
-    write_text_atomic(Path(args.output), json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
-    print(f"Wrote {args.output}")
+    write_results(args.output, vars(args), rows)
 
 
 if __name__ == "__main__":
