@@ -26,6 +26,7 @@ EVALUATE_BLOCK = 1 << 22
 RolloutMemory = Literal["auto", "full", "bfloat16", "top_k", "recompute"]
 Decoding = Literal["auto", "eager", "static", "compiled"]
 STATIC_CACHE_BLOCK = 64  # static KV caches hold prompt + max_new_tokens rounded up to this: fewer shapes to compile
+STEP_RECOMPILE_LIMIT = 64  # compiled entries the decoding steps of all models may take together (step_body)
 ROLLOUT_MEMORY_BUDGET = 4 << 30  # bytes: 'auto' keeps a rollout's [B, T, V] float32 base distributions up to this size
 
 
@@ -53,8 +54,8 @@ class Sampling:
             on CUDA in mode "reduce-overhead", i.e. replayed as a CUDA graph; on CPU by inductor), or 'auto' (compiled
             on CUDA, eager elsewhere). Every mode draws the same tokens for the same seed (up to float rounding);
             sampling itself (top-k/top-p, the draw) stays eager. A remote base keeps its own cache (only the adapter's
-            step is static or compiled). Each new (rows, prompt width rounded up to ``STATIC_CACHE_BLOCK``) shape is
-            compiled once.
+            step is static or compiled). Compiling takes two shapes of (rows, prompt width rounded up to
+            ``STATIC_CACHE_BLOCK``): the first as is, then one with dynamic sizes (``TailoredPolicy.step_body``).
     """
 
     max_new_tokens: int = 32
@@ -387,8 +388,9 @@ class TailoredPolicy(Frozen):
         'top_k': the base's k finite log-probs and their ids [B, T, k], B·T·k·12 bytes (exact, for a base whose support
         is top-k: ``LocalBase(top_k=…)``, an API base; refused otherwise); 'recompute': nothing kept, the base reads
         each minibatch's prompt + response again just before its update (``read``: one teacher-forced forward per
-        minibatch and epoch, exact up to float rounding; the update then holds one minibatch's [m, T, V]); 'auto': 'top_k' for a top-k base, else 'full' while it takes at most ``ROLLOUT_MEMORY_BUDGET`` (4 GiB,
-        counting ``max_new_tokens`` positions), else 'recompute'.
+        minibatch and epoch; the update then holds one minibatch's [m, T, V]; exact up to float rounding, which for a
+        bfloat16 base is not small: warned); 'auto': 'top_k' for a top-k base, else 'full' while it takes at most
+        ``ROLLOUT_MEMORY_BUDGET`` (4 GiB, counting ``max_new_tokens`` positions), else 'recompute'.
 
         Raises:
             ValueError: 'top_k' for a base with a full vocabulary, or an unknown mode.
@@ -400,12 +402,17 @@ class TailoredPolicy(Frozen):
             raise ValueError("rollout_memory='top_k' keeps the base's top-k log-probs, exact only for a base whose support is "
                              "top-k (LocalBase top_k, an API base); this base has the whole vocabulary: use 'full', "
                              "'bfloat16' or 'recompute'")
-        if memory != "auto":
-            return memory
-        if k is not None:
-            return "top_k"
-        full = rows * self.sampling.max_new_tokens * self.base.vocab_size * 4
-        return "full" if full <= ROLLOUT_MEMORY_BUDGET else "recompute"
+        if memory == "auto":
+            full = rows * self.sampling.max_new_tokens * self.base.vocab_size * 4
+            memory = "top_k" if k is not None else "full" if full <= ROLLOUT_MEMORY_BUDGET else "recompute"
+        if memory == "recompute" and self.base.dtype != torch.float32:
+            warnings.warn(
+                f"rollout_memory='recompute' with a {str(self.base.dtype).removeprefix('torch.')} base: the update's "
+                "teacher-forced read rounds differently from the sampling pass (measured in bfloat16: log π of a sampled token "
+                "off by up to 0.04 nats, and a top-k support that changes at 3% of positions), so the policy ratio starts away "
+                "from 1; for exact updates use a float32 base (dtype: float32), or rollout_memory 'full', 'bfloat16' or 'top_k'"
+            )
+        return memory
 
     def decoding(self, device: torch.device) -> Literal["eager", "static", "compiled"]:
         """The decoding mode on ``device``: ``sampling.decoding``, 'auto' being 'compiled' on CUDA and 'eager' elsewhere."""
@@ -414,11 +421,23 @@ class TailoredPolicy(Frozen):
         return "compiled" if device.type == "cuda" else "eager"
 
     def step_body(self, body: torch.nn.Module) -> Callable:
-        """``body`` (a transformer without its head) compiled once for one-token steps on a static cache: fullgraph, fixed
-        shapes, CUDA graphs on CUDA ("reduce-overhead"). Its weights are read at each call, so the adapter's updates show."""
+        """``body`` (a transformer without its head) compiled for one-token steps on a static cache: fullgraph, CUDA
+        graphs on CUDA ("reduce-overhead"). Its weights are read at each call, so the adapter's updates show.
+
+        Shapes: the first (rows, cache length) is compiled as is; a second makes those sizes dynamic (dynamo's automatic
+        dynamic shapes), so later rollouts, evaluation batches and last batches reuse that graph (CUDA graphs are still
+        recorded per shape). Every transformers model's forward shares one wrapper function, whose compiled entries
+        dynamo caps at ``recompile_limit`` (8) for all of them together, with a hard error under fullgraph: calls here
+        raise that cap to ``STEP_RECOMPILE_LIMIT``."""
         if id(body) not in self.compiled:
             mode = "reduce-overhead" if body.device.type == "cuda" else "default"
-            self.compiled[id(body)] = torch.compile(body, mode=mode, fullgraph=True, dynamic=False)
+            compiled = torch.compile(body, mode=mode, fullgraph=True)
+
+            def step(*args, **kwargs):
+                with torch._dynamo.config.patch(recompile_limit=max(STEP_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                    return compiled(*args, **kwargs)
+
+            self.compiled[id(body)] = step
         return self.compiled[id(body)]
 
     @torch.no_grad()
@@ -511,7 +530,7 @@ class TailoredPolicy(Frozen):
                 steps["ref_logprobs"].append(_pick(ref_logprobs, token, real))
                 steps["kl"].append(kl_divergence(logprobs, ref_logprobs).masked_fill(~real, 0.0) if use_adapter else torch.zeros_like(base_lp[:, 0]))
                 if record == "top_k":
-                    support.append(base_lp.isfinite().sum(-1).max())  # checked once, after the loop (no sync per step)
+                    support.append((base_lp.isfinite() & real[:, None]).sum(-1).max())  # rows still generating; checked after the loop
                     values, ids = base_lp.topk(self.base.support_size, dim=-1)  # every finite log-prob of a top-k base
                     steps["base_distribution"].append(values)
                     steps["base_support"].append(ids)

@@ -321,8 +321,10 @@ class RemoteBase(Frozen):
 
 def parse_top_logprobs(reply: Any, prompts: int) -> list[list[tuple[bytes, float]]]:
     """(token bytes, log-prob) of each prompt's ``choices[i].logprobs.top_logprobs[0]`` in the completions schema,
-    choice ``i`` being the one whose ``index`` is i (OpenAI and vLLM number a list of prompts' choices in prompt order)."""
-    choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+    choice ``i`` being the one whose ``index`` is i (OpenAI and vLLM number a list of prompts' choices in prompt order;
+    a server that leaves ``index`` out answers in order)."""
+    choices = [{"index": i, **choice} for i, choice in enumerate(reply["choices"])]  # a reply without indices: in order
+    choices.sort(key=lambda choice: choice["index"])
     if [choice["index"] for choice in choices] != list(range(prompts)):
         raise ValueError(f"{len(choices)} choices (indices {[choice['index'] for choice in choices][:8]}) for {prompts} prompts")
     return [[(remote_token_bytes(token), float(value)) for token, value in choice["logprobs"]["top_logprobs"][0].items()] for choice in choices]

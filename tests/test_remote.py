@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.model_families import FAMILIES
 from tests.tokenizer_families import TOKENIZER_FAMILIES
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -75,9 +76,12 @@ class FaultyServer(CompletionsServer):
         elif fault == "not json":
             return 200, b"{not json"
         elif fault == "no logprobs":
-            return 200, {"choices": [{"index": 0, "text": "x"}]}
+            return 200, {"choices": [{"text": "x"}]}
         elif fault == "unknown token":
             return 200, {"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"<eos>": -0.5, "no such token in this vocabulary": -1.0}]}}]}
+        elif fault in ("reversed", "no index"):  # choices out of order (with their index), or in order without one
+            choices = super().complete(json.loads(body)["prompt"], 8)["choices"]
+            return 200, {"choices": choices[::-1] if fault == "reversed" else [{k: v for k, v in c.items() if k != "index"} for c in choices]}
         elif fault == "one choice short":
             reply = super().complete(json.loads(body)["prompt"], 2)
             return 200, {"choices": reply["choices"][:-1]}
@@ -246,6 +250,31 @@ def test_the_servers_prefix_cache_reads_each_new_token_once_and_changes_no_answe
     # without it, each step reads every row whole: the prompts, then 2 rows × (prompt + 1..5 response tokens) per prompt
     assert uncached.computed_tokens == int(prompts.mask.sum()) * (1 + 2 * 5) + rows * sum(range(1, 6))
     assert 0 < len(cached.prefixes) <= len(PROMPTS) + rows * 5 and not uncached.prefixes  # rows alike so far share one
+
+
+def test_choices_are_matched_to_prompts_by_index_or_else_in_order(tiny_llama):
+    with FaultyServer(tiny_llama, []) as server:
+        base = remote(server, tiny_llama)
+        prompts = base.encode(PROMPTS)
+        expected, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+        for fault in ("reversed", "no index"):
+            server.faults = [fault]
+            got, _ = base(prompts.ids, prompts.mask, position_ids(prompts.mask))
+            assert torch.equal(got, expected), fault
+
+
+def test_a_remote_rollout_whose_rows_end_at_different_steps_keeps_each_rows_top_k(tmp_path):
+    """Finished rows get log-probs 0 over the whole vocabulary (they sample padding): not a support wider than k."""
+    path = str(FAMILIES["gpt2"].save(tmp_path))
+    with CompletionsServer(path) as server:
+        base = RemoteBase(server.url, "tiny", path, top_logprobs=6, stop_tokens=list(range(3, 40)))  # rows end at different steps
+        policy = TailoredPolicy(base, None, sampling=Sampling(max_new_tokens=12))
+        assert policy.rollout_memory(4) == "top_k"
+        rollout = policy.sample(policy.encode(["A", "The cat", "hello world", "The dog runs"]), torch.Generator().manual_seed(3))
+    lengths = rollout.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()
+    real = rollout.response_mask.bool()
+    assert (rollout.base_distribution[real].isfinite().sum(-1) == 6).all()
 
 
 def test_rows_per_request_splits_a_step_into_concurrent_requests(server, tiny_llama):

@@ -1,6 +1,8 @@
 """How a rollout keeps the base's distributions (``rollout_memory``): the exact modes change neither the loss's pass nor
 the exact KL; 'auto' picks what fits."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,14 +68,25 @@ def test_auto_keeps_what_fits_and_the_modes_are_checked(tiny_llama, monkeypatch)
 
 
 def test_a_fit_with_recomputed_distributions_trains_as_the_full_one(tiny_llama, tmp_path):
-    """Through the Trainer: 'recompute' (the base reads each rollout again before its updates) logs the losses and KL
-    of 'full' (equal up to float rounding of the two base passes)."""
+    """Through the Trainer: 'recompute' (the base reads each minibatch again just before its update) logs the losses and
+    KL of 'full' (equal up to float rounding of the two base passes)."""
     runs = {}
     for memory in ("full", "recompute"):
         main(["fit", *tiny_args(tiny_llama, tmp_path / memory, 2), f"--model.rollout_memory={memory}"])
         runs[memory] = scalars(tmp_path / memory / "quickstart" / "version_0")
     for tag in ("loss/policy", "loss/kl", "train/kl", "train/reward"):
         assert runs["recompute"][tag] == pytest.approx(runs["full"][tag], abs=1e-4), tag
+
+
+def test_recompute_with_a_base_not_in_float32_is_warned_about(tiny_llama):
+    """The read rounds differently from the sampling pass: in bfloat16 that moves π visibly (tens of millinats)."""
+    policy = policy_over(tiny_llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.rollout_memory(6, "recompute") == "recompute"  # float32: nothing to say
+    half = TailoredPolicy(LocalBase(tiny_llama, dtype="bfloat16"), None)
+    with pytest.warns(UserWarning, match="rollout_memory='recompute' with a bfloat16 base.*use a float32 base"):
+        half.rollout_memory(6, "recompute")
 
 
 def test_top_k_memory_refuses_a_base_wider_than_its_support_size(tiny_llama, monkeypatch):
