@@ -195,8 +195,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--add-sampled-token", action="store_true",
                         help="sample the reply's token and add it to the top k when it is not among them, as vLLM does")
+    parser.add_argument("--prefix-cache", type=int, default=256,
+                        help="prompts whose KV caches are kept, so that a prompt extending one by a token reads one token (0: none)")
     args = parser.parse_args()
-    with CompletionsServer(args.model, args.host, args.port, args.dtype, args.add_sampled_token) as server:
+    with CompletionsServer(args.model, args.host, args.port, args.dtype, args.add_sampled_token, args.prefix_cache) as server:
         print(f"Serving {args.model} at {server.url}/completions (Ctrl-C to stop)", flush=True)
         try:
             server.thread.join()
