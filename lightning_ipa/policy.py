@@ -10,13 +10,12 @@ from typing import Callable, Literal, NamedTuple, Optional, Union, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import StaticCache
 
 from .adapters import Adapter
 from .bases import LocalBase, prompt_lengths
 from .frozen import Frozen
 from .remote import RemoteBase
-from transformers import StaticCache
-
 from .types import PolicyOutput, Prompts, Responses, Rollout, position_ids, sequence
 
 NUCLEUS_CANDIDATES = 1024  # top-k/top-p look at this many best tokens first; rows whose kept set is wider look among 4× as many
@@ -198,7 +197,8 @@ class TokenStats(torch.autograd.Function):
         probs, clamped = logprobs.exp(), logprobs.clamp(min=lowest)
         token_lp = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         entropy = -(probs * clamped).sum(-1)
-        kl = entropy.new_zeros(entropy.shape) if ref_logprobs is None else kl_divergence(logprobs, ref_logprobs)
+        # ``kl_divergence``'s sum, from the π and clamped log π already at hand
+        kl = entropy.new_zeros(entropy.shape) if ref_logprobs is None else (probs * (clamped - ref_logprobs.clamp(min=lowest))).sum(-1)
         ctx.save_for_backward(logprobs, tokens, entropy, kl, ref_logprobs)
         return token_lp, entropy, kl
 

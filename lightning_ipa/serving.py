@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .bases import DType, load_causal_lm, load_tokenizer, resolve_pretrained
 from .remote import token_bytes, token_name
+from .types import position_ids
 
 
 class CompletionsServer:
@@ -156,7 +157,7 @@ class CompletionsServer:
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, (prompt, n) in enumerate(zip(prompts, new)):  # left-padded: every row's next token is read at the last position
             ids[row, ids.shape[1] - n :], mask[row, width - len(prompt) :] = torch.tensor(prompt[-n:]), 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        positions = position_ids(mask)[:, -ids.shape[1] :]
         cache = DynamicCache(config=self.lm.config)
         if past is not None:  # the rows' kept caches, left-padded to one length
             for layer in range(len(past[0])):
