@@ -13,10 +13,11 @@ from .data import PromptDataModule
 from .evaluation import Evaluation, Perplexity
 from .module import IPAModule
 from .policy import Sampling, TailoredPolicy
+from .processor import AdapterLogitsProcessor
 from .remote import RemoteBase
 from .rewards import ModelReward, Reward
 
 __all__ = [
-    "Adapter", "AdapterConfig", "Algorithm", "Evaluation", "IPAModule", "LocalBase", "ModelReward", "PPO", "Perplexity",
+    "Adapter", "AdapterConfig", "AdapterLogitsProcessor", "Algorithm", "Evaluation", "IPAModule", "LocalBase", "ModelReward", "PPO", "Perplexity",
     "PromptDataModule", "Quark", "RLOO", "RemoteBase", "Reward", "Sampling", "TailoredPolicy",
 ]

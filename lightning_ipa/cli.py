@@ -1,6 +1,7 @@
-"""``python -m lightning_ipa {fit,validate,test,predict,distill}``: LightningCLI over IPAModule and a task's data.
+"""``python -m lightning_ipa {fit,validate,test,predict,distill,export}``: LightningCLI over IPAModule and a task's data.
 
-``distill`` fits a ``DistillModule`` instead: a local proxy of a (remote) base, for IPA's black-box workflow.
+``distill`` fits a ``DistillModule`` instead: a local proxy of a (remote) base, for IPA's black-box workflow. ``export``
+writes a checkpoint's adapter as a folder transformers reads (``export.export_adapter``).
 
 Runs and checkpoints: the TensorBoard logger's ``save_dir/name/version_N`` is a run's folder (``--trainer.default_root_dir``,
 when given, is its ``save_dir``); ``fit`` writes ``checkpoints/last.ckpt`` there (``callbacks.RolloutCheckpoint``).
@@ -321,14 +322,22 @@ def default_config(args: list[str]) -> dict[str, Any]:
     return {args[0]: {"default_config_files": [glob.escape(str(DEFAULT_CONFIG))]}}  # jsonargparse globs them
 
 
-def main(args: Optional[list[str]] = None, run: bool = True) -> IPACLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> Optional[IPACLI]:
     """Run the CLI on ``args`` (default: the command line); returns it for tests and notebooks.
 
-    ``distill ...`` runs ``fit ...`` of a ``DistillModule`` (its config names a teacher, a student and an output folder).
+    ``distill ...`` runs ``fit ...`` of a ``DistillModule`` (its config names a teacher, a student and an output folder);
+    ``export ...`` writes a checkpoint's adapter for transformers (``export.export_adapter``) and returns None.
     A run stopped by SIGTERM (after saving ``last.ckpt``) exits with status 143 (128 + SIGTERM), so that a scheduler
     sees it unfinished.
     """
     given = list(sys.argv[1:] if args is None else args)
+    if given and given[0] == "export":  # not a Trainer run: a checkpoint's adapter written for transformers
+        from jsonargparse import CLI
+
+        from .export import export_adapter
+
+        CLI(export_adapter, args=given[1:], as_positional=False)
+        return None
     distill = bool(given) and given[0] == "distill"
     given = ["fit", *given[1:]] if distill else given
     if args is None:

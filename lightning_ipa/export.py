@@ -1,0 +1,193 @@
+"""``python -m lightning_ipa export``: a trained adapter as a folder plain transformers reads.
+
+The folder holds the adapter as a causal LM of its family (``config.json``, ``model.safetensors``: ``from_pretrained``
+reads it), the base's tokenizer, a ``generation_config.json`` with the decoding settings of the run, ``ipa_adapter.json``
+(α, the tokens never sampled, the control code's mode) and a model card (``README.md``: base, α, reward, algorithm, the
+run's test metrics). ``AdapterLogitsProcessor.from_pretrained(folder)`` applies it inside the base's ``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from lightning.pytorch.cli import instantiate_class
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from .adapters import Adapter, AdapterConfig, ProjectedHead
+from .algorithms import RLOO
+from .io import write_dir_atomic, write_text_atomic
+from .policy import Sampling, TailoredPolicy
+from .processor import ADAPTER_FILE, CONTROL_FILE
+
+ADAPTER_PREFIX = "policy.adapter."
+
+
+def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Write the adapter of a ``fit`` checkpoint as a folder that transformers' ``from_pretrained`` reads.
+
+    The base, adapter, α, algorithm, reward and decoding settings come from the checkpoint's saved configuration (what
+    ``fit`` ran with); the base is loaded for its tokenizer and vocabulary (and, for an adapter built from its layers,
+    its weights). A 'projection' head (a trained H×H projection before the frozen LM head) is written as the one V×H
+    matrix they make (the product computed in float64); 'zeros' and 'pretrained' heads are written as they are. A
+    control code (Quark) is kept apart (``ipa_control.safetensors``): ``AdapterLogitsProcessor`` reads it as the
+    adapter does (a prefix position, or added to every input embedding).
+
+    Args:
+        ckpt_path: A checkpoint written by ``fit`` (a run's ``checkpoints/last.ckpt``).
+        output: The folder to write (written whole or not at all).
+        results: The ``results.json`` of a ``test`` of this checkpoint, for the model card (None: the newest one among
+            the runs beside the checkpoint's run whose ``checkpoint`` is this file, if any).
+        overwrite: Replace a folder already at ``output`` (otherwise refused).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        SystemExit: no such checkpoint, one without the configuration ``fit`` saves, one whose tensors do not fit the
+            adapter it configures, or an ``output`` that exists (without ``overwrite``).
+    """
+    ckpt, target = Path(ckpt_path), Path(output)
+    if not ckpt.is_file():
+        raise SystemExit(f"--ckpt_path {ckpt_path}: no such file; pass a checkpoint written by fit (a run's checkpoints/last.ckpt)")
+    if (target.is_file() or target.is_dir() and any(target.iterdir())) and not overwrite:
+        raise SystemExit(f"--output {output} exists: choose another folder, or pass --overwrite true to replace it")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams.get("base"), dict) or "class_path" not in hparams["base"]:
+        raise SystemExit(f"{ckpt_path} holds no base configuration (a checkpoint of `python -m lightning_ipa fit` does): "
+                         "export needs the base it was trained with")
+    base = instantiate_class((), hparams["base"])
+    adapter = Adapter.build(AdapterConfig(**hparams.get("adapter") or {}), base)
+    algorithm = instantiate_class((), hparams["algorithm"]) if hparams.get("algorithm") else RLOO()
+    algorithm.setup(adapter)  # Quark's control codes
+    load_adapter_state(adapter, checkpoint["state_dict"], ckpt_path)
+    policy = TailoredPolicy(base, adapter, hparams.get("alpha", 1.0), Sampling(**hparams.get("sampling") or {}))
+    model = adapter_model(adapter)
+    generation = generation_config(policy)
+    results_path = Path(results) if results else find_results(ckpt)
+    card = model_card(hparams, checkpoint, ckpt, json.loads(results_path.read_text()) if results_path else None, results_path)
+    meta = {"format": 1, "alpha": policy.alpha, "never_sampled": policy.never_sampled.nonzero().flatten().tolist(),
+            "control": adapter.control_mode if adapter.controls is not None else None,
+            "base": hparams["base"], "adapter": hparams.get("adapter"), "checkpoint": str(ckpt)}
+
+    def write_extras(folder: Path) -> None:
+        base.tokenizer.save_pretrained(folder)
+        generation.save_pretrained(folder)
+        write_text_atomic(folder / ADAPTER_FILE, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(folder / "README.md", card)
+        if adapter.controls is not None:
+            from safetensors.torch import save_file
+
+            save_file({"control": adapter.controls.weight[0].detach().contiguous()}, folder / CONTROL_FILE)
+
+    write_dir_atomic(target, model.save_pretrained, write_extras, replace=True)
+    print(f"Wrote the adapter to {target}: AdapterLogitsProcessor.from_pretrained({str(target)!r}) applies it in the base's generate")
+    return target
+
+
+def load_adapter_state(adapter: Adapter, state_dict: dict[str, Any], where: str) -> None:
+    """Load a checkpoint's trained adapter tensors (``policy.adapter.*``) into ``adapter``.
+
+    Raises:
+        SystemExit: a trainable tensor the checkpoint lacks, one it has that the adapter does not, or another shape.
+    """
+    saved = {k.removeprefix(ADAPTER_PREFIX): v for k, v in state_dict.items() if k.startswith(ADAPTER_PREFIX)}
+    own = adapter.state_dict()
+    trainable = {name for name, p in adapter.named_parameters() if p.requires_grad}
+    problems = [f"not in the checkpoint: {sorted(trainable - set(saved))}"] if trainable - set(saved) else []
+    problems += [f"not in the configured adapter: {sorted(set(saved) - set(own))}"] if set(saved) - set(own) else []
+    problems += [f"{k}: {tuple(v.shape)} saved, {tuple(own[k].shape)} configured" for k, v in saved.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise SystemExit(f"{where}: its adapter tensors do not fit the adapter its configuration builds:\n  " + "\n  ".join(problems))
+    adapter.load_state_dict(saved, strict=False)
+
+
+def adapter_model(adapter: Adapter) -> PreTrainedModel:
+    """The adapter as a causal LM of its family: its body's config, its layers and an output head of V×H.
+
+    A tied 'pretrained' head stays tied; any other head is written untied (``tie_word_embeddings=False``)."""
+    head = adapter.head
+    tied = isinstance(head, nn.Linear) and head.weight is adapter.body.get_input_embeddings().weight
+    if isinstance(head, ProjectedHead):  # lm_head(P·h) = (W·P)·h
+        weight = (head.lm_head.weight.double() @ head.projection.weight.double()).to(head.projection.weight.dtype)
+    else:
+        weight = head.weight
+    config = adapter.body.config.__class__.from_dict(adapter.body.config.to_dict())
+    config.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
+    model.base_model.load_state_dict(adapter.body.state_dict())
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(weight)
+        if getattr(model.get_output_embeddings(), "bias", None) is not None:
+            model.get_output_embeddings().bias.zero_()
+    return model.eval()
+
+
+def generation_config(policy: TailoredPolicy) -> GenerationConfig:
+    """``Sampling`` as transformers' ``GenerationConfig``: sampling with the run's temperature, top-k, top-p and lengths,
+    its stop tokens as ``eos_token_id`` (every one ends a row, as in ``TailoredPolicy``) and its padding token."""
+    s = policy.sampling
+    return GenerationConfig(
+        do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+        min_new_tokens=s.min_new_tokens, eos_token_id=list(policy.base.stop_ids), pad_token_id=policy.pad_id,
+    )
+
+
+def find_results(ckpt: Path) -> Optional[Path]:
+    """The newest ``results.json`` of a ``test`` run of this checkpoint among the runs beside its own (``save_dir/name``)."""
+    runs = ckpt.resolve().parents[2] if len(ckpt.resolve().parents) > 2 else None
+    found = []
+    for path in runs.glob("*/results.json") if runs is not None else []:
+        try:
+            tested = json.loads(path.read_text()).get("checkpoint")
+        except (OSError, ValueError):
+            continue
+        if tested and Path(tested).resolve() == ckpt.resolve():
+            found.append(path)
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def model_card(hparams: dict[str, Any], checkpoint: dict[str, Any], ckpt: Path, results: Optional[dict[str, Any]],
+               results_path: Optional[Path]) -> str:
+    """The folder's ``README.md``: what the adapter was trained for and with, its test metrics, and how to use it."""
+    base = hparams["base"].get("init_args", {}).get("name_or_path") or hparams["base"].get("init_args", {}).get("model", "?")
+    rollouts = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total", {}).get("processed")
+
+    def block(value: Any) -> str:
+        return "```yaml\n" + yaml.safe_dump(value, sort_keys=False).strip() + "\n```"
+
+    lines = [
+        "---", "library_name: transformers", f"base_model: {base}", "tags: [lightning_ipa, inference-time-policy-adapter]", "---", "",
+        f"# IPA adapter for `{base}`", "",
+        f"An Inference-time Policy Adapter (Lu et al., EMNLP 2023) trained with lightning_ipa: at every step the base's "
+        f"log-probs and this model's logits make the tailored policy `log_softmax(base) + α·adapter`, α = {hparams.get('alpha', 1.0)}.",
+        "", "## Use it", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from lightning_ipa.processor import AdapterLogitsProcessor",
+        f"tokenizer = AutoTokenizer.from_pretrained({base!r}, padding_side='left')",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        "ipa = AdapterLogitsProcessor.from_pretrained('<this folder>')",
+        "inputs = tokenizer(['Your prompt'], return_tensors='pt', padding=True)",
+        "out = base.generate(**inputs, logits_processor=[ipa.reset(inputs['attention_mask'])], generation_config=ipa.generation_config)",
+        "```", "",
+        "## Training", "",
+        f"- checkpoint: `{ckpt}` (global step {checkpoint.get('global_step')}" + (f", {rollouts} rollouts)" if rollouts is not None else ")"),
+        f"- reward: `{(hparams.get('reward') or {}).get('class_path')}`", block(hparams.get("reward")),
+        f"- algorithm: `{(hparams.get('algorithm') or {}).get('class_path', 'lightning_ipa.algorithms.RLOO')}`", block(hparams.get("algorithm")),
+        "- adapter", block(hparams.get("adapter")), "- decoding (`generation_config.json`)", block(hparams.get("sampling")), "",
+        "## Test metrics", "",
+    ]
+    if results is None:
+        lines.append("No `test` of this checkpoint was found beside its run (`python -m lightning_ipa test --ckpt_path ...`, then export again).")
+    else:
+        policies = sorted({p for values in results["metrics"].values() for p in values}, key=lambda p: (p != "base", p != "tailored", p))
+        lines += [f"From `{results_path}`: {results.get('prompts')} prompts × {results.get('samples_per_prompt')} samples per policy.", "",
+                  "| metric | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+        for metric, values in results["metrics"].items():
+            lines.append(f"| {metric} | " + " | ".join("–" if values.get(p) is None else f"{values[p]:.4g}" for p in policies) + " |")
+    return "\n".join(lines) + "\n"

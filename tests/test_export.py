@@ -1,0 +1,156 @@
+"""``python -m lightning_ipa export`` and ``AdapterLogitsProcessor``: a trained adapter in plain transformers' ``generate``
+draws, for the same seed, the tokens ``TailoredPolicy.generate`` draws."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import save_tiny_llama
+from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
+from lightning_ipa.algorithms import Quark
+from lightning_ipa.cli import main
+from lightning_ipa.export import export_adapter, load_adapter_state
+from lightning_ipa.processor import AdapterLogitsProcessor
+from test_cli import tiny_args
+
+PROMPTS = ["The dog runs", "A child reads a book by", "Write one sentence that uses", "cat"]
+
+
+def save_soft_llama(path: Path, seed: int) -> str:
+    """The tiny Llama with a 0.15× output head: varied samples (the unscaled one repeats one token)."""
+    save_tiny_llama(path, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.15)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A real ``fit`` checkpoint (2 rollouts through the CLI) of an adapter built from the base's first 2 layers, its
+    ``test`` results, and a second model of the same tokenizer (another seed) to build an adapter from its own checkpoint."""
+    root = tmp_path_factory.mktemp("export")
+    base, other = save_soft_llama(root / "base", 0), save_soft_llama(root / "other", 1)
+    args = tiny_args(base, root / "runs", 2, "--model.sampling.temperature=2.0", "--model.base.init_args.dtype=float32")
+    main(["fit", *args])
+    ckpt = root / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["test", *args, "--ckpt_path", str(ckpt)])
+    return root, base, other, ckpt
+
+
+def variant(fitted, name: str, adapter: dict, sampling: dict, algorithm=None) -> tuple[Path, TailoredPolicy]:
+    """The fitted checkpoint with another adapter / decoding / algorithm configuration and random trained tensors (so
+    that the adapter moves the policy far from the base), saved as a new checkpoint; and our policy built from it."""
+    root, base_path, _, ckpt = fitted
+    checkpoint = torch.load(ckpt, weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    hparams["adapter"].update(adapter)
+    hparams["sampling"].update(sampling)
+    base = LocalBase(base_path, dtype="float32")
+    built = Adapter.build(AdapterConfig(**hparams["adapter"]), base)
+    if algorithm is not None:
+        hparams["algorithm"] = algorithm
+        Quark(**algorithm["init_args"]).setup(built)
+    generator = torch.Generator().manual_seed(1)
+    checkpoint["state_dict"] = {f"policy.adapter.{n}": torch.randn(p.shape, generator=generator) * 0.3
+                                for n, p in built.named_parameters() if p.requires_grad}
+    path = root / f"{name}.ckpt"
+    torch.save(checkpoint, path)
+    load_adapter_state(built, checkpoint["state_dict"], str(path))
+    return path, TailoredPolicy(base, built, hparams["alpha"], Sampling(**hparams["sampling"]))
+
+
+def draws_of_generate(folder: Path, base_path: str, seed: int, processor: bool = True) -> torch.Tensor:
+    """The response tokens [B, T] of plain transformers' ``generate`` on the base with the exported processor and
+    generation config, after ``torch.manual_seed(seed)`` (padding after a row's end)."""
+    ipa = AdapterLogitsProcessor.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    processors = [ipa.reset(inputs["attention_mask"])] if processor else []
+    out = base.generate(**inputs, logits_processor=processors, generation_config=ipa.generation_config)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def draws_of_ours(policy: TailoredPolicy, seed: int, pad: int, use_adapter: bool = True) -> torch.Tensor:
+    responses = policy.generate(policy.encode(PROMPTS), torch.Generator().manual_seed(seed), use_adapter=use_adapter)
+    return responses.response_ids.masked_fill(responses.response_mask == 0, pad)
+
+
+SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 12, "min_new_tokens": 3}
+CASES = {
+    "projection head from the base's layers": ({"head": "projection"}, SAMPLING, None),
+    "zeros head, top-k 20 at temperature 1.5": ({"head": "zeros"}, {**SAMPLING, "top_k": 20, "temperature": 1.5, "top_p": 1.0}, None),
+    "pretrained head of its own checkpoint": ({"head": "pretrained", "name_or_path": "other", "num_layers": None}, SAMPLING, None),
+    "Quark's prefix control code": ({"head": "projection"}, SAMPLING, {"class_path": "lightning_ipa.algorithms.Quark", "init_args": {"quantiles": 3}}),
+    "Quark's code on every token": ({"head": "projection"}, SAMPLING, {"class_path": "lightning_ipa.algorithms.Quark",
+                                                                      "init_args": {"quantiles": 3, "control": "every_token"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_adapter_in_transformers_generate_draws_what_our_sampler_draws(fitted, tmp_path, case):
+    adapter, sampling, algorithm = CASES[case]
+    if adapter.get("name_or_path") == "other":
+        adapter = {**adapter, "name_or_path": fitted[2]}
+    ckpt, policy = variant(fitted, case.split()[0], adapter, sampling, algorithm)
+    folder = export_adapter(str(ckpt), str(tmp_path / "adapter"))
+    pad = policy.pad_id
+    tailored = [draws_of_ours(policy, seed, pad) for seed in range(6)]
+    assert len({tuple(t.flatten().tolist()) for t in tailored}) == 6  # the draws vary with the seed
+    for seed, ours in enumerate(tailored):
+        theirs = draws_of_generate(folder, fitted[1], seed)
+        assert torch.equal(theirs, ours[:, : theirs.shape[1]]) and (ours[:, theirs.shape[1]:] == pad).all(), (case, seed)
+    base_alone = draws_of_ours(policy, 0, pad, use_adapter=False)
+    assert not torch.equal(base_alone, tailored[0])  # the adapter changes what is drawn ...
+    assert torch.equal(draws_of_generate(folder, fitted[1], 0, processor=False), base_alone[:, : base_alone.shape[1]])  # ... and the base alone is generate's
+
+
+def test_export_cli_writes_a_transformers_folder_with_a_model_card(fitted, tmp_path):
+    root, base, _, ckpt = fitted
+    out = tmp_path / "adapter"
+    assert main(["export", "--ckpt_path", str(ckpt), "--output", str(out)]) is None
+    assert {"config.json", "model.safetensors", "generation_config.json", "ipa_adapter.json", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    lm = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads it: the adapter's 2 layers and a V×H head
+    assert lm.config.num_hidden_layers == 2 and not lm.config.tie_word_embeddings
+    meta = json.loads((out / "ipa_adapter.json").read_text())
+    assert meta["alpha"] == 1.0 and meta["control"] is None and meta["never_sampled"] == [AutoTokenizer.from_pretrained(out).pad_token_id]
+    card = (out / "README.md").read_text()
+    results = json.loads((root / "runs" / "quickstart" / "version_1" / "results.json").read_text())
+    assert f"base_model: {base}" in card and "tasks.quickstart.ConceptCoverage" in card and "lightning_ipa.algorithms.RLOO" in card
+    assert f"| coverage | {results['metrics']['coverage']['base']:.4g} | {results['metrics']['coverage']['tailored']:.4g} |" in card
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["do_sample"], generation["top_p"], generation["top_k"], generation["max_new_tokens"]) == (True, 0.9, 0, 6)
+
+    with pytest.raises(SystemExit, match="exists: choose another folder, or pass --overwrite true"):
+        main(["export", "--ckpt_path", str(ckpt), "--output", str(out)])
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(out), "--overwrite", "true"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "x")])
+
+
+def test_export_refuses_a_checkpoint_that_does_not_fit_its_adapter(fitted, tmp_path):
+    checkpoint = torch.load(fitted[3], weights_only=False)
+    checkpoint["hyper_parameters"]["adapter"]["head"] = "zeros"  # the saved tensors are a projection's
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(SystemExit, match=r"not in the checkpoint: \['head.weight'\]"):
+        export_adapter(str(tmp_path / "odd.ckpt"), str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_processor_refuses_beam_search_and_unmasked_left_padding(fitted, tmp_path):
+    ckpt, _ = variant(fitted, "beams", {"head": "projection"}, SAMPLING)
+    folder = export_adapter(str(ckpt), str(tmp_path / "adapter"))
+    ipa = AdapterLogitsProcessor.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(fitted[1])
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="beam search"):
+        base.generate(**inputs, logits_processor=[ipa.reset(inputs["attention_mask"])], num_beams=2, do_sample=False, max_new_tokens=4)
+    with pytest.raises(ValueError, match="look left-padded"):
+        base.generate(**inputs, logits_processor=[ipa.reset()], generation_config=ipa.generation_config)
