@@ -11,6 +11,7 @@ from .algorithms import PPO, RLOO, Algorithm, Quark
 from .bases import LocalBase
 from .data import PromptDataModule
 from .evaluation import Evaluation, Perplexity
+from .experts import DExperts, LogitArithmetic, ProxyTuning
 from .module import IPAModule
 from .policy import Sampling, TailoredPolicy
 from .processor import AdapterLogitsProcessor
@@ -18,6 +19,6 @@ from .remote import RemoteBase
 from .rewards import ModelReward, Reward
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterLogitsProcessor", "Algorithm", "Evaluation", "IPAModule", "LocalBase", "ModelReward", "PPO", "Perplexity",
-    "PromptDataModule", "Quark", "RLOO", "RemoteBase", "Reward", "Sampling", "TailoredPolicy",
+    "Adapter", "AdapterConfig", "AdapterLogitsProcessor", "Algorithm", "DExperts", "Evaluation", "IPAModule", "LocalBase", "LogitArithmetic", "ModelReward", "PPO", "Perplexity",
+    "PromptDataModule", "ProxyTuning", "Quark", "RLOO", "RemoteBase", "Reward", "Sampling", "TailoredPolicy",
 ]

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -47,16 +47,16 @@ def planned_rollouts(trainer: Trainer, updates_per_rollout: int) -> float:
     return min(limits)
 
 
-def results_table(trainer: Trainer, stage: str) -> dict[str, dict[str, float]]:
+def results_table(trainer: Trainer, stage: str, policies: Sequence[str] = POLICIES) -> dict[str, dict[str, float]]:
     """The ``stage``'s evaluation metrics logged so far, as {metric: {policy: value}}: from ``trainer.callback_metrics``
-    keys ``<stage>/<metric>/<policy>`` (``Evaluation.evaluate``), policy 'base' or 'tailored'."""
+    keys ``<stage>/<metric>/<policy>`` (``Evaluation.evaluate``), for the ``policies`` named ('base', 'tailored')."""
     table: dict[str, dict[str, float]] = {}
     for key, value in trainer.callback_metrics.items():
         head, _, rest = key.partition("/")
         metric, _, policy = rest.rpartition("/")
-        if head == stage and metric and policy in POLICIES:
+        if head == stage and metric and policy in policies:
             table.setdefault(metric, {})[policy] = float(value)
-    return table
+    return {metric: {p: values[p] for p in policies if p in values} for metric, values in table.items()}  # in ``policies``' order
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -318,7 +318,8 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class TestResults(Callback):
-    """After ``test``: the results table (base vs tailored) as JSON and Markdown, and every generation as JSONL.
+    """After ``test``: the results table (a column per policy: base, tailored, each one compared) as JSON and Markdown,
+    and every generation as JSONL.
 
     Written atomically into the run's log directory, beside the TensorBoard events:
     ``results.json``, ``results.md`` and ``generations.jsonl`` (one row per prompt: its k samples per
@@ -340,14 +341,14 @@ class TestResults(Callback):
         prompts = int(trainer.strategy.reduce(torch.tensor(float(len(written)), device=pl_module.device), reduce_op="sum").item())
         if not trainer.is_global_zero:
             return
-        table = results_table(trainer, "test")  # NaN where undefined: null in results.json
+        policies = pl_module.evaluation.policies("test")
+        table = results_table(trainer, "test", policies)  # NaN where undefined: null in results.json
         conventions = self.conventions(pl_module)
         results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
                    "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table,
                    "conventions": {metric: conventions.get(metric, "") for metric in table}}
         write_text_atomic(folder / "results.json", json.dumps(finite_or_null(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        rows = [{"metric": metric, "base": values.get("base", float("nan")), "tailored": values.get("tailored", float("nan")),
-                 "convention": conventions.get(metric, "")}
+        rows = [{"metric": metric, **{policy: values.get(policy, float("nan")) for policy in policies}, "convention": conventions.get(metric, "")}
                 for metric, values in table.items()]
         heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {trainer.ckpt_path}\n\n"
         write_text_atomic(folder / "results.md", heading + markdown_table(rows) + "\n")

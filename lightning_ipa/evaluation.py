@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,9 @@ Scorer = Callable[[PromptBatch, list[str]], dict[str, Tensor]]  # (batch of prom
 
 
 class Evaluation(Frozen):
-    """Validation, test and predict: samples k responses per prompt from the tailored policy and the base alone, scores
-    them and measures both with torchmetrics.
+    """Validation, test and predict: samples k responses per prompt from the tailored policy and the base alone (in
+    ``test`` also from each training-free policy compared, ``IPAModule(compare=...)``), scores them and measures each
+    with torchmetrics: the same prompts, seeds, sampling settings and metrics for every policy.
 
     Each sample is scored by the reward (``reward`` and its parts, through ``IPAModule.score``) and by ``score``
     (scores only evaluation needs, e.g. fluency under an evaluation LM); ``metrics`` aggregate those scores. This
@@ -49,10 +50,10 @@ class Evaluation(Frozen):
         self.samples_per_prompt = samples_per_prompt
         self.val_samples_per_prompt = val_samples_per_prompt
         self.distinct_variant = distinct_variant
-        self.stage_metrics, self.seed, self.num_logged_samples = nn.ModuleDict(), 0, 0  # setup sets them, for IPAModule's reward
+        self.stage_metrics, self.seed, self.num_logged_samples, self.compared = nn.ModuleDict(), 0, 0, ()  # setup sets them
         self.samples, self.generations, self._base_samples = [], [], {}
 
-    def setup(self, reward_names: Sequence[str], seed: int, num_logged_samples: int) -> None:
+    def setup(self, reward_names: Sequence[str], seed: int, num_logged_samples: int, compared: Sequence[str] = ()) -> None:
         """Build the metrics of each stage and policy (``metrics``; logged as ``<stage>/<name>/<policy>``) and start
         afresh (no kept samples, no cached base draws). ``IPAModule`` calls it with its reward's parts and settings.
 
@@ -60,14 +61,20 @@ class Evaluation(Frozen):
             reward_names: The reward's parts (``Reward.names``), each measured beside ``reward``.
             seed: Seed of the draws (``generate``).
             num_logged_samples: Validation samples kept in ``samples``.
+            compared: Names of the training-free policies ``test`` measures too (``IPAModule(compare=...)``).
         """
-        self.seed, self.num_logged_samples = seed, num_logged_samples
+        self.seed, self.num_logged_samples, self.compared = seed, num_logged_samples, tuple(compared)
         self.samples: list[dict[str, Any]] = []  # a few samples of the last validation, for SampleTable
         self.generations: list[dict[str, Any]] = []  # every sample of the test, with its scores, for TestResults
         self._base_samples: dict[tuple, list[str]] = {}  # the frozen base's draws are fixed: drawn once per batch
         self.stage_metrics = nn.ModuleDict({
-            f"{stage}_{policy}": nn.ModuleDict(self.metrics(reward_names)) for stage in ("val", "test") for policy in POLICIES
+            f"{stage}_{policy}": nn.ModuleDict(self.metrics(reward_names)) for stage in ("val", "test") for policy in self.policies(stage)
         })
+
+    def policies(self, stage: Stage) -> tuple[str, ...]:
+        """The policies ``stage`` measures, by name, as results tables show them: 'base', 'tailored', and in ``test`` each
+        one compared."""
+        return ("base", "tailored") + (self.compared if stage == "test" else ())
 
     def num_samples(self, stage: Stage) -> int:
         """Samples per prompt and policy in ``stage``."""
@@ -86,21 +93,25 @@ class Evaluation(Frozen):
         """Per-sample scores [N] by name beside the reward's, for aligned prompt/response lists of N."""
         return {}
 
-    def generate(self, policy: TailoredPolicy, prompts: list[str], batch_index: int, k: int = 1) -> dict[str, list[str]]:
-        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch.
+    def generate(self, policy: TailoredPolicy, prompts: list[str], batch_index: int, k: int = 1,
+                 others: Mapping[str, TailoredPolicy] = {}) -> dict[str, list[str]]:
+        """k tailored and k base-alone responses per prompt (each prompt's in a row), drawn with a seed fixed per batch,
+        and k of each policy in ``others`` with the same seed from the same encoded prompts.
 
         The seed is ``seed`` + ``batch_index``, the batch's index in one process's order (``IPAModule.eval_batch_index``),
         so under DDP each batch gets the draws it gets in one process (the draws of a prompt depend on its batch: they
-        are rows of one sampling call). The base's draws are made once per batch and kept.
+        are rows of one sampling call). The base's draws are made once per batch and kept. Policies that are the same
+        distribution draw the same tokens (``TailoredPolicy.generate``).
 
         Args:
-            policy: The tailored policy (and its base).
+            policy: The tailored policy (and its base); it encodes the prompts for every policy.
             prompts: N prompt texts.
             batch_index: The batch's index in one process's order.
             k: Samples per prompt and policy.
+            others: Further policies by name (training-free ones, ``LogitArithmetic.policy``).
 
         Returns:
-            {"tailored": [N·k texts], "base": [N·k texts]}, each prompt's k in a row.
+            {"tailored": [N·k texts], "base": [N·k texts], <other>: [N·k texts], ...}, each prompt's k in a row.
         """
         encoded = policy.encode(prompts)
         generator = torch.Generator(encoded.ids.device).manual_seed(self.seed + batch_index)
@@ -110,10 +121,16 @@ class Evaluation(Frozen):
             generator.manual_seed(self.seed + batch_index)
             base = policy.generate(encoded, generator, samples_per_prompt=k, use_adapter=False)
             self._base_samples[key] = policy.decode(base.response_ids, base.response_mask)
-        return {"tailored": policy.decode(tailored.response_ids, tailored.response_mask), "base": self._base_samples[key]}
+        responses = {"tailored": policy.decode(tailored.response_ids, tailored.response_mask), "base": self._base_samples[key]}
+        for name, other in others.items():
+            generator.manual_seed(self.seed + batch_index)
+            drawn = other.generate(encoded, generator, samples_per_prompt=k)
+            responses[name] = other.decode(drawn.response_ids, drawn.response_mask)
+        return responses
 
-    def evaluate(self, policy: TailoredPolicy, score: Scorer, batch: PromptBatch, batch_index: int, stage: Stage) -> dict[str, Metric]:
-        """Generate for a batch with both policies, score the samples and update the stage's metrics; keep the first
+    def evaluate(self, policy: TailoredPolicy, score: Scorer, batch: PromptBatch, batch_index: int, stage: Stage,
+                 others: Mapping[str, TailoredPolicy] = {}) -> dict[str, Metric]:
+        """Generate for a batch with each policy, score the samples and update the stage's metrics; keep the first
         validation batch's samples (``samples``) and every test sample (``generations``).
 
         Args:
@@ -122,12 +139,15 @@ class Evaluation(Frozen):
             batch: The prompts and their meta.
             batch_index: The batch's index in one process's order (for the seed).
             stage: 'val' or 'test'.
+            others: The training-free policies compared in ``test``, by name (``policies``).
 
         Returns:
             The updated metrics by log name ``<stage>/<name>/<policy>``, for ``LightningModule.log``.
         """
         k = self.num_samples(stage)
-        responses = self.generate(policy, batch["prompt"], batch_index, k)
+        if set(others) != set(self.policies(stage)) - set(POLICIES):
+            raise ValueError(f"{stage}: policies {sorted(others)} given, {list(self.compared if stage == 'test' else ())} set up (Evaluation.setup)")
+        responses = self.generate(policy, batch["prompt"], batch_index, k, others)
         repeated = repeat_prompts(batch, k)
         samples = {
             name: Samples(batch["prompt"], texts, {**score(repeated, texts), **self.score(repeated["prompt"], texts)}, k, batch["meta"])
@@ -140,7 +160,7 @@ class Evaluation(Frozen):
                 logged[f"{stage}/{metric_name}/{name}"] = metric
         rows = {name: policy_samples.by_prompt() for name, policy_samples in samples.items()}  # [P] each
         if stage == "test":
-            self.generations += [{"prompt": p, **{name: rows[name][i] for name in POLICIES}} for i, p in enumerate(batch["prompt"])]
+            self.generations += [{"prompt": p, **{name: rows[name][i] for name in rows}} for i, p in enumerate(batch["prompt"])]
         if stage == "val" and batch_index == 0:  # the first sample of the first prompts
             self.samples = [
                 {"prompt": p, **{name: rows[name][i]["responses"][0] for name in POLICIES},

@@ -17,12 +17,13 @@ from .bases import LocalBase
 from .callbacks import FitSummary, RolloutProgressBar, completed_rollouts
 from .data import PromptBatch, PromptDataModule, repeat_prompts
 from .evaluation import Evaluation, Stage
+from .experts import LogitArithmetic
 from .policy import RolloutMemory, Sampling, TailoredPolicy, long_prompts_error
 from .remote import RemoteBase
 from .rewards import Reward, RewardContractError, check_scores
 from .types import Experience, LossOutput, Responses, Rollout
 
-FROZEN = ("policy.base.", "reward.", "evaluation.")  # state_dict prefixes rebuilt at start-up, never checkpointed
+FROZEN = ("policy.base.", "reward.", "evaluation.", "compare.")  # state_dict prefixes rebuilt at start-up, never checkpointed
 
 
 class IPAModule(LightningModule):
@@ -54,6 +55,7 @@ class IPAModule(LightningModule):
         eval_seed: int = 1234,
         num_logged_samples: int = 8,
         max_rollouts: Optional[int] = None,
+        compare: Optional[list[LogitArithmetic]] = None,
     ):
         """
         Args:
@@ -88,10 +90,15 @@ class IPAModule(LightningModule):
                 None: ``trainer.max_steps`` (optimizer steps: rollouts × epochs × minibatches) or ``max_epochs`` decide.
                 Setting it and ``trainer.max_steps`` too is refused (``setup``). ``max_epochs`` still applies: the CLI
                 sets it to -1 (no limit) when neither is given; with a ``Trainer`` of your own, pass ``max_epochs=-1``.
+            compare: Training-free policies that ``test`` measures beside the base and the tailored policy, each its own
+                column of the results (``test/<metric>/<name>``): the same prompts, seeds, sampling settings and metrics.
+                E.g. ``class_path: lightning_ipa.DExperts`` (expert, anti-expert, α) or ``lightning_ipa.ProxyTuning``
+                (tuned, untuned); their models are frozen, read the base's tokens and are never checkpointed.
 
         Raises:
             ValueError: ``rollout_top_p`` outside (0, 1], ``max_rollouts`` below 1, a sampled ``kl_estimator`` with
-                filtered rollouts, or a ``rollout_memory`` the base cannot use (``TailoredPolicy.rollout_memory``).
+                filtered rollouts, a ``rollout_memory`` the base cannot use (``TailoredPolicy.rollout_memory``), or
+                ``compare`` policies with one name twice or models of another vocabulary than the base's.
         """
         if rollout_top_p is not None and not 0 < rollout_top_p <= 1:
             raise ValueError(f"rollout_top_p must be in (0, 1] (or None for sampling.top_p), got {rollout_top_p}")
@@ -101,7 +108,15 @@ class IPAModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave frozen weights (the base above all) out
-        self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling)
+        self.compare = nn.ModuleList(compare or [])
+        names = [c.name for c in self.compare]
+        if len(set(names)) < len(names):
+            raise ValueError(f"compare: policy names {names} repeat; give each its own name (init_args.name), its results column")
+        for policy in self.compare:
+            policy.check(base)
+        # the compared policies' models read the same prompts: their context windows bound them too
+        readers = {f"compare {c.name}": c.max_positions for c in self.compare}
+        self.policy = TailoredPolicy(base, Adapter.build(adapter, base), alpha, sampling, readers)
         self.policy.rollout_memory(1, rollout_memory)  # refuses an unknown mode, or 'top_k' for a full-vocabulary base, now
         self.reward = reward
         self.algorithm = algorithm or RLOO()
@@ -114,7 +129,8 @@ class IPAModule(LightningModule):
             )
         self.algorithm.setup(self.policy.adapter)
         self.evaluation = evaluation or Evaluation()
-        self.evaluation.setup(self.reward.names, eval_seed, num_logged_samples)
+        self.evaluation.setup(self.reward.names, eval_seed, num_logged_samples, names)
+        self.compared: dict[str, TailoredPolicy] = {}  # the compare policies, as built for a test (on_test_epoch_start)
         self.lr_scheduler = lr_scheduler
 
     @property
@@ -261,7 +277,8 @@ class IPAModule(LightningModule):
 
     def log_evaluation(self, batch: PromptBatch, batch_idx: int, stage: Stage) -> None:
         """``Evaluation.evaluate`` on a batch, its metrics logged (and how many prompts were cut to fit, summed)."""
-        metrics = self.evaluation.evaluate(self.policy, self.score, batch, self.eval_batch_index(batch_idx), stage)
+        others = self.compared if stage == "test" else {}
+        metrics = self.evaluation.evaluate(self.policy, self.score, batch, self.eval_batch_index(batch_idx), stage, others)
         if self.policy.sampling.long_prompts == "cut_left":  # of the generation just done
             self.log(f"{stage}/prompts_cut", float(self.policy.last_cut), reduce_fx="sum", batch_size=len(batch["prompt"]))
         self.log_dict(metrics, batch_size=len(batch["prompt"]))
@@ -272,6 +289,7 @@ class IPAModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.evaluation.generations = []
+        self.compared = {c.name: c.policy(self.policy.base, self.policy.sampling) for c in self.compare}
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         return self.evaluation.predict(self.policy, self.score, batch, self.eval_batch_index(batch_idx))

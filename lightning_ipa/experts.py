@@ -1,0 +1,211 @@
+"""Training-free policies from other LMs' logits (DExperts, proxy-tuning), measured on IPA's protocol.
+
+Each is the base's next-token log-probs plus weighted log-probs of other frozen LMs of its vocabulary, decoded by
+``TailoredPolicy``'s lockstep sampler (one forward of each model per generated token) with the evaluation's prompts,
+seeds, sampling settings and metrics (``IPAModule(compare=[...])``): one results table, a column per policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .bases import BaseDType, LocalBase
+from .frozen import Frozen
+from .policy import Sampling, TailoredPolicy, truncate
+from .remote import RemoteBase
+from .types import Prompts
+
+
+class LogitArithmetic(Frozen):
+    """A policy made of a base and other LMs with no training: at each step
+
+        log p(x | x_<t) = log_softmax(filter(log p_base) + Σ_i w_i · log p_i(x | x_<t))
+
+    ``filter`` keeps the base's top-``filter_p`` nucleus (−inf elsewhere; 1.0: all). Adding log-probs or raw logits is
+    the same policy: each model's normaliser is one constant per row, which the softmax drops. The models read the base's
+    tokens (one vocabulary: refused otherwise); a model whose output head is wider than the base's (padded vocabulary
+    rows) is read on the base's ids, as proxy-tuning's code does.
+    """
+
+    def __init__(self, name: str, models: Sequence[Optional[str]], weights: Sequence[float], filter_p: float = 1.0,
+                 top_p: Optional[float] = None, dtype: BaseDType = "auto"):
+        """
+        Args:
+            name: Its column in the results (``test/<metric>/<name>``); not 'base' or 'tailored'.
+            models: Each LM's hub name, folder or ``.gguf`` (None: the base's own log-probs, unfiltered).
+            weights: Each LM's weight w_i (any sign).
+            filter_p: Nucleus of the base kept before the others' log-probs are added (1.0: the whole vocabulary).
+            top_p: Nucleus mass of the sampling (None: the evaluation's ``sampling.top_p``).
+            dtype: The LMs' dtype ('auto': bfloat16 where the hardware runs it natively, else float32).
+
+        Raises:
+            ValueError: a reserved or empty name, models and weights of different lengths, ``filter_p`` or ``top_p``
+                outside (0, 1].
+        """
+        super().__init__()
+        if name in ("base", "tailored") or not name or "/" in name:
+            raise ValueError(f"compare: a policy's name {name!r} is its results column: not 'base' or 'tailored', not empty, no '/'")
+        if len(models) != len(weights):
+            raise ValueError(f"{name}: {len(models)} models but {len(weights)} weights")
+        for what, p in (("filter_p", filter_p), ("top_p", top_p)):
+            if p is not None and not 0 < p <= 1:
+                raise ValueError(f"{name}: {what} must be in (0, 1], got {p}")
+        self.name, self.weights, self.filter_p, self.top_p = name, [float(w) for w in weights], filter_p, top_p
+        self.paths = list(models)
+        self.models = nn.ModuleList([LocalBase(m, dtype).requires_grad_(False) for m in models if m is not None])
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The smallest context window of its models (None: none known)."""
+        windows = [m.max_positions for m in self.models if m.max_positions is not None]
+        return min(windows) if windows else None
+
+    def check(self, base: LocalBase | RemoteBase) -> None:
+        """Refuse, before any work, models whose vocabulary is not the base's.
+
+        Raises:
+            ValueError: a model whose tokenizer differs from the base's, or whose output head predicts fewer tokens.
+        """
+        for path, model in zip([p for p in self.paths if p is not None], self.models):
+            if model.tokenizer.get_vocab() != base.tokenizer.get_vocab() or model.vocab_size < base.vocab_size:
+                raise ValueError(
+                    f"compare {self.name!r}: {path} ({len(model.tokenizer)} tokens, head of {model.vocab_size}) does not share the "
+                    f"base's vocabulary ({len(base.tokenizer)} tokens, head of {base.vocab_size}, {base.path or 'remote'}): "
+                    "logit arithmetic adds log-probs token by token, so every model needs the base's tokenizer"
+                )
+
+    def policy(self, base: LocalBase | RemoteBase, sampling: Sampling) -> TailoredPolicy:
+        """This policy as a ``TailoredPolicy`` without an adapter over ``base`` (its lockstep sampler, its ``generate``),
+        with the evaluation's ``sampling`` (its own ``top_p``, if set), on the base's device."""
+        sampling = sampling if self.top_p is None else replace(sampling, top_p=self.top_p)
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
+        return TailoredPolicy(Combined(base, self), None, sampling=sampling).to(device)
+
+    def combine(self, base_logprobs: Tensor, logprobs: list[Optional[Tensor]]) -> Tensor:
+        """The policy's log-probs [..., V] from the base's [..., V] and each model's ([..., ≥V]; None: the base's)."""
+        scores = base_logprobs
+        if self.filter_p < 1:
+            flat = base_logprobs.reshape(-1, base_logprobs.shape[-1])
+            kept = truncate(flat, top_p=self.filter_p)
+            mask = torch.zeros_like(flat).scatter_add_(-1, kept.ids, kept.logprobs.isfinite().float()) > 0
+            scores = flat.masked_fill(~mask, float("-inf")).view_as(base_logprobs)
+        vocab = base_logprobs.shape[-1]
+        for weight, lp in zip(self.weights, logprobs):
+            scores = scores + weight * (base_logprobs if lp is None else lp[..., :vocab])
+        return scores.log_softmax(-1)
+
+
+class DExperts(LogitArithmetic):
+    """DExperts (Liu et al., "DExperts: Decoding-Time Controlled Text Generation with Experts and Anti-Experts", ACL 2021):
+    ``filter_p(base) + α·(expert − anti_expert)``, as ``generation/dexperts_generation.py`` of alisawuffles/DExperts
+    computes it: the base's logits cut to their top-``filter_p`` nucleus, the experts' logits added, then temperature
+    and the sampling's own top-p (``p``: 1.0 in its toxicity runs, ``scripts/our_scripts/toxicity/dexperts.sh``:
+    α = 2.0, ``filter_p`` 0.9). A missing expert or anti-expert is the base itself, as there.
+    """
+
+    def __init__(self, expert: Optional[str] = None, anti_expert: Optional[str] = None, alpha: float = 2.0, filter_p: float = 0.9,
+                 top_p: Optional[float] = 1.0, dtype: BaseDType = "auto", name: str = "dexperts"):
+        """
+        Args:
+            expert: The expert LM (DExperts' toxicity runs: GPT-2 large fine-tuned on non-toxic text); None: the base.
+            anti_expert: The anti-expert LM (GPT-2 large fine-tuned on toxic text); None: the base.
+            alpha: Steering strength α (DExperts' toxicity runs: 2.0; 0: the base's filtered nucleus).
+            filter_p: The base's nucleus before the experts are added (DExperts: 0.9).
+            top_p: Nucleus of the sampling of the ensemble (DExperts: 1.0; None: the evaluation's).
+            dtype: The experts' dtype.
+            name: Its column in the results.
+        """
+        super().__init__(name, [expert, anti_expert], [alpha, -alpha], filter_p, top_p, dtype)
+
+
+class ProxyTuning(LogitArithmetic):
+    """Proxy-tuning (Liu et al., "Tuning Language Models by Proxy", COLM 2024): ``base + α·(tuned − untuned)``, as
+    ``DExpertsLlama.generate`` of alisawuffles/proxy-tuning computes it (α = 1 in the paper): a small model's tuning
+    carried over to the base as the difference of the tuned and untuned small models' logits; then the sampling's
+    temperature and top-p. (There a chat-tuned expert reads its prompt in its chat format; here every model reads the
+    base's tokens.)
+    """
+
+    def __init__(self, tuned: str, untuned: str, alpha: float = 1.0, top_p: Optional[float] = None, dtype: BaseDType = "auto",
+                 name: str = "proxy_tuning"):
+        """
+        Args:
+            tuned: The tuned small LM (the proxy-tuning paper: Llama-2-7b-chat).
+            untuned: The same small LM before tuning (Llama-2-7b).
+            alpha: Weight of the difference (the paper: 1.0).
+            top_p: Nucleus of the sampling (None: the evaluation's).
+            dtype: The models' dtype.
+            name: Its column in the results.
+        """
+        super().__init__(name, [tuned, untuned], [alpha, -alpha], 1.0, top_p, dtype)
+
+
+class Caches(list):
+    """The KV caches of the base and the other models, one per model (None: a model that is the base)."""
+
+    def batch_repeat_interleave(self, k: int) -> None:
+        for cache in self:
+            if cache is not None:
+                cache.batch_repeat_interleave(k)
+
+
+class Combined(Frozen):
+    """The base as ``TailoredPolicy``'s sampler reads it, with a ``LogitArithmetic`` applied: the base's interface
+    (tokenizer, stop tokens, ``encode``, ``forward`` with a KV cache, ``response_logprobs``), its log-probs combined."""
+
+    def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic):
+        super().__init__()
+        self.base, self.arithmetic = base, arithmetic
+        self.tokenizer, self.path, self.stop_ids = base.tokenizer, base.path, base.stop_ids
+        self.chat_template, self.system_prompt = base.chat_template, base.system_prompt
+        windows = [w for w in (base.max_positions, arithmetic.max_positions) if w is not None]
+        self.max_positions = min(windows) if windows else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def full_support(self) -> bool:
+        return self.base.full_support and self.arithmetic.filter_p >= 1
+
+    @property
+    def support_size(self) -> Optional[int]:
+        return self.base.support_size
+
+    def encode(self, prompts: list[str]) -> Prompts:
+        return self.base.encode(prompts)
+
+    def _models(self) -> list[Optional[LocalBase]]:
+        """Each term's model (None: the base), in ``arithmetic.weights``' order."""
+        models = iter(self.arithmetic.models)
+        return [None if path is None else next(models) for path in self.arithmetic.paths]
+
+    @torch.no_grad()
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Optional[Caches] = None, body=None) -> tuple[Tensor, Caches]:
+        """``LocalBase.forward``: the combined next-token log-probs [B, V] after the last position, and the caches."""
+        models = self._models()
+        cache = cache if cache is not None else Caches([None] * (1 + len(models)))
+        base_logprobs, base_cache = self.base(ids, mask, positions, cache[0])
+        logprobs, caches = [], Caches([base_cache])
+        for model, model_cache in zip(models, cache[1:]):
+            lp, model_cache = (None, None) if model is None else model(ids, mask, positions, model_cache)
+            logprobs.append(lp)
+            caches.append(model_cache)
+        return self.arithmetic.combine(base_logprobs, logprobs), caches
+
+    @torch.no_grad()
+    def response_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
+        """``LocalBase.response_logprobs`` of the combined policy: [B, L - P, V]."""
+        models = self._models()
+        logprobs = [None if m is None else m.response_logprobs(ids, mask, prompt_length) for m in models]
+        return self.arithmetic.combine(self.base.response_logprobs(ids, mask, prompt_length), logprobs)

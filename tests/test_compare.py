@@ -1,0 +1,128 @@
+"""Training-free policies on IPA's protocol (``IPAModule(compare=...)``): DExperts and proxy-tuning computed as their
+references compute them, decoded by the lockstep sampler, measured by ``test`` in one table with a column per policy."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import save_tiny_llama
+from lightning_ipa import DExperts, LocalBase, ProxyTuning, Sampling, TailoredPolicy
+from lightning_ipa.cli import DEFAULT_CONFIG, main
+from test_cli import tiny_args
+
+PROMPTS = ["The dog runs", "A child reads a book by", "Write one sentence that uses", "cat"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A base and two more models of its tokenizer (other seeds), with 0.15× heads: varied samples."""
+    root = tmp_path_factory.mktemp("compare")
+    paths = []
+    for name, seed in [("base", 0), ("expert", 1), ("anti", 2)]:
+        save_tiny_llama(root / name, seed=seed)
+        model = AutoModelForCausalLM.from_pretrained(root / name)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.15)
+        model.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths
+
+
+def reference_top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``top_k_top_p_filtering`` of DExperts' ``utils/generation_utils.py`` (top-p part), on a copy: sort descending,
+    drop tokens once the cumulative probability before them exceeds ``top_p``."""
+    logits = logits.clone()
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = 0
+    logits[remove.scatter(-1, sorted_indices, remove)] = float("-inf")
+    return logits
+
+
+def next_logits(path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+
+
+def test_dexperts_and_proxy_tuning_compute_what_their_references_compute(models):
+    """DExperts (``generation/dexperts_generation.py``): softmax(top-p-filtered base logits + α(expert − anti-expert)
+    logits); proxy-tuning (``DExpertsLlama.generate``): softmax(base + α(tuned − untuned) logits). Both on raw logits, ours
+    on log-probs: the same distribution."""
+    base_path, expert, anti = models
+    base = LocalBase(base_path, dtype="float32")
+    prompts = base.encode(PROMPTS)
+    raw = {path: next_logits(path, prompts.ids, prompts.mask) for path in models}
+    sampling = Sampling(max_new_tokens=4)
+    for policy, reference in [
+        (DExperts(expert, anti, alpha=2.0, dtype="float32"), reference_top_p_filter(raw[base_path], 0.9) + 2.0 * (raw[expert] - raw[anti])),
+        (DExperts(None, anti, alpha=1.5, filter_p=1.0, dtype="float32"), raw[base_path] + 1.5 * (raw[base_path] - raw[anti])),  # anti-only
+        (ProxyTuning(expert, anti, alpha=1.0, dtype="float32"), raw[base_path] + (raw[expert] - raw[anti])),
+    ]:
+        combined = policy.policy(base, sampling).base
+        logprobs, _ = combined(prompts.ids, prompts.mask, (prompts.mask.cumsum(-1) - 1).clamp(min=0))
+        assert torch.equal(logprobs.isfinite(), reference.isfinite())  # the same nucleus of the base
+        torch.testing.assert_close(logprobs.exp(), reference.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_dexperts_at_alpha_0_and_proxy_tuning_with_equal_models_draw_what_the_base_draws(models):
+    base_path, expert, anti = models
+    base = LocalBase(base_path, dtype="float32")
+    sampling = Sampling(max_new_tokens=12, top_p=0.9)
+    alone = TailoredPolicy(base, None, sampling=sampling)
+    prompts = alone.encode(PROMPTS)
+    same = {"DExperts, α = 0 (the base's 0.9 nucleus, sampled whole)": DExperts(expert, anti, alpha=0.0, dtype="float32"),
+            "proxy-tuning, tuned = untuned": ProxyTuning(expert, expert, dtype="float32")}
+    steered = DExperts(expert, anti, alpha=2.0, dtype="float32").policy(base, sampling)
+    for seed in range(5):
+        drawn = alone.generate(prompts, torch.Generator().manual_seed(seed), samples_per_prompt=2)
+        for name, policy in same.items():
+            theirs = policy.policy(base, sampling).generate(prompts, torch.Generator().manual_seed(seed), samples_per_prompt=2)
+            assert torch.equal(theirs.response_ids, drawn.response_ids), (name, seed)
+        assert not torch.equal(steered.generate(prompts, torch.Generator().manual_seed(seed), samples_per_prompt=2).response_ids, drawn.response_ids)
+
+
+def test_test_writes_one_table_with_a_column_per_policy(models, tmp_path):
+    base_path, expert, anti = models
+    compare = {"model": {"compare": [
+        {"class_path": "lightning_ipa.DExperts", "init_args": {"expert": expert, "anti_expert": anti, "alpha": 0.0, "dtype": "float32"}},
+        {"class_path": "lightning_ipa.ProxyTuning", "init_args": {"tuned": expert, "untuned": expert, "dtype": "float32"}},
+        {"class_path": "lightning_ipa.DExperts", "init_args": {"expert": expert, "anti_expert": anti, "alpha": 2.0, "dtype": "float32",
+                                                               "name": "dexperts_2"}},
+    ]}}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(compare))
+    args = tiny_args(base_path, tmp_path / "runs", 2, "--model.sampling.max_new_tokens=8", "--model.base.init_args.dtype=float32",
+                     "--model.evaluation.init_args.samples_per_prompt=2")
+    main(["test", "--config", str(DEFAULT_CONFIG), "--config", str(tmp_path / "compare.yaml"), *args])
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    results = json.loads((run / "results.json").read_text())
+    policies = ["base", "tailored", "dexperts", "proxy_tuning", "dexperts_2"]
+    assert all(list(values) == policies for values in results["metrics"].values())
+    header = (run / "results.md").read_text().splitlines()[2]
+    assert header == "| metric | " + " | ".join(policies) + " | convention |"
+    rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(set(row) == {"prompt", *policies} for row in rows)
+    # the zero-initialised adapter, DExperts at α = 0 and proxy-tuning with tuned = untuned are the base: the same draws
+    for name in ["tailored", "dexperts", "proxy_tuning"]:
+        assert [row[name]["responses"] for row in rows] == [row["base"]["responses"] for row in rows], name
+        assert results["metrics"]["reward"][name] == results["metrics"]["reward"]["base"]
+    assert [row["dexperts_2"]["responses"] for row in rows] != [row["base"]["responses"] for row in rows]
+
+
+def test_compare_refuses_bad_policies_before_any_work(models, tiny_gpt2_other_vocab, tmp_path):
+    base_path, expert, _ = models
+    args = ["test", *tiny_args(base_path, tmp_path / "runs", 2)]
+    with pytest.raises(ValueError, match=r"does not share the base's vocabulary"):
+        main([*args, f"--model.compare=[{{class_path: lightning_ipa.ProxyTuning, init_args: {{tuned: {tiny_gpt2_other_vocab}, untuned: {expert}}}}}]"])
+    twice = "{class_path: lightning_ipa.ProxyTuning, init_args: {tuned: %s, untuned: %s}}" % (expert, expert)
+    with pytest.raises(ValueError, match=r"names \['proxy_tuning', 'proxy_tuning'\] repeat"):
+        main([*args, f"--model.compare=[{twice}, {twice}]"])
+    with pytest.raises(ValueError, match="not 'base' or 'tailored'"):
+        DExperts(expert, name="base")
+    assert not (tmp_path / "runs").exists()
