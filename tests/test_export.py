@@ -154,3 +154,16 @@ def test_processor_refuses_beam_search_and_unmasked_left_padding(fitted, tmp_pat
         base.generate(**inputs, logits_processor=[ipa.reset(inputs["attention_mask"])], num_beams=2, do_sample=False, max_new_tokens=4)
     with pytest.raises(ValueError, match="look left-padded"):
         base.generate(**inputs, logits_processor=[ipa.reset()], generation_config=ipa.generation_config)
+
+
+def test_the_readme_example_runs_as_written(fitted, tmp_path):
+    """README's "Use a trained adapter" code, with the tiny base and an exported folder in place of its names."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.partition("## Use a trained adapter")[2].partition("```python\n")[2].partition("```")[0]
+    assert 0 < len(code.strip().splitlines()) < 10
+    ckpt, _ = variant(fitted, "readme", {"head": "projection"}, SAMPLING)
+    folder = export_adapter(str(ckpt), str(tmp_path / "adapter"))
+    namespace: dict = {}
+    exec(code.replace("adapters/toxicity", str(folder)).replace("gpt2-large", fitted[1]), namespace)
+    prompts = namespace["inputs"]["input_ids"]
+    assert namespace["out"].shape[0] == 2 and namespace["out"].shape[1] > prompts.shape[1]

@@ -287,11 +287,10 @@ def test_offline_config_fits_and_tests_base_and_tailored(tiny_llama, tiny_detoxi
     assert maxima == pytest.approx(results["metrics"]["avg_max_toxicity"]["tailored"], rel=1e-5)
 
 
-def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_path):
-    """conf/toxicity.yaml as is; the hub and Detoxify's download replaced by tiny models already in their caches."""
+def serve_paper_models(tmp_path: Path, tokenizer) -> dict[str, str]:
+    """The environment in which conf/toxicity.yaml's downloads come from local caches: tiny GPT-2s (``tokenizer``) under
+    the hub names it uses, a tiny Detoxify checkpoint where torch.hub keeps the released one."""
     hub, torch_home = tmp_path / "hf" / "hub", tmp_path / "torch"
-    tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
-
     for name, layers in [("gpt2-large", 3), ("gpt2", 2), ("gpt2-xl", 1)]:
         save_in_hub_cache(hub, name, tiny_gpt2_saver(tokenizer, layers, n_positions=64))
     save_in_hub_cache(hub, "bert-base-uncased", lambda path: save_tiny_detoxify(path))
@@ -301,7 +300,12 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
     checkpoint = torch.load(released, weights_only=False)
     checkpoint["config"]["arch"]["args"]["model_type"] = "bert-base-uncased"  # as in the released file: a hub name
     torch.save(checkpoint, released)
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(torch_home)}
 
+
+def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_path):
+    """conf/toxicity.yaml as is; the hub and Detoxify's download replaced by tiny models already in their caches."""
+    env = serve_paper_models(tmp_path, train_tokenizer(300, ["<eos>", "<pad>"]))
     script = (
         "import json; from lightning_ipa.cli import main\n"
         "cli = main(['--config', 'conf/toxicity.yaml', '--trainer.accelerator=cpu'], run=False)\n"
@@ -311,7 +315,6 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
         " 'k': m.evaluation.samples_per_prompt, 'algorithm': type(m.algorithm).__name__, 'kl': round(float(m.algorithm.kl_loss_coef), 6),"
         " 'source': d.hparams.source, 'batch': d.hparams.batch_size, 'top_p': m.hparams.rollout_top_p, 'lr': m.hparams.lr}))\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(torch_home)}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
@@ -319,3 +322,32 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
     assert facts["reward"] == "DetoxifyReward" and facts["heads"] == 0 and facts["fluency"] == 1
     assert (facts["k"], facts["algorithm"], facts["kl"], facts["top_p"], facts["lr"]) == (25, "Quark", 0.05, 1.0, 1e-5)
     assert (facts["source"], facts["batch"]) == ("allenai/real-toxicity-prompts", 128)
+
+
+def test_compare_config_instantiates_dexperts_and_proxy_tuning_with_the_published_experts(tmp_path):
+    """conf/toxicity.yaml + conf/compare/toxicity.yaml as they are, run from a folder where DExperts' experts.zip was
+    unzipped into ./models (tiny GPT-2s of the same tokenizer there), the hub served from its cache."""
+    tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
+    env = {**serve_paper_models(tmp_path, tokenizer), "PYTHONPATH": str(ROOT)}
+    work = tmp_path / "work"
+    for size, layers in [("large", 3), ("small", 1)]:
+        for kind in ["nontoxic", "toxic"]:
+            tiny_gpt2_saver(tokenizer, layers, n_positions=64)(work / "models" / "experts" / "toxicity" / size / f"finetuned_gpt2_{kind}")
+    script = (
+        "import json; from lightning_ipa.cli import main\n"
+        f"cli = main(['--config', '{ROOT}/conf/toxicity.yaml', '--config', '{ROOT}/conf/compare/toxicity.yaml', '--trainer.accelerator=cpu'], run=False)\n"
+        "m = cli.model\n"
+        "print(json.dumps({'policies': m.evaluation.policies('test'), 'base': m.policy.base.path,"
+        " 'compare': [[type(c).__name__, c.paths, [m.lm.config.n_layer for m in c.models], c.weights, c.filter_p, c.top_p] for c in m.compare],"
+        " 'readers': m.policy.readers}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["policies"] == ["base", "tailored", "dexperts", "proxy_tuning"] and facts["base"] == "gpt2-large"
+    expert = "models/experts/toxicity/{}/finetuned_gpt2_{}"
+    assert facts["compare"] == [
+        ["DExperts", [expert.format("large", "nontoxic"), expert.format("large", "toxic")], [3, 3], [2.0, -2.0], 0.9, 1.0],
+        ["ProxyTuning", [expert.format("small", "nontoxic"), "gpt2"], [1, 2], [1.0, -1.0], 1.0, None],
+    ]
+    assert facts["readers"] == {"compare dexperts": 64, "compare proxy_tuning": 64}
