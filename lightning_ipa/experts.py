@@ -18,7 +18,7 @@ from .bases import BaseDType, LocalBase
 from .frozen import Frozen
 from .policy import Sampling, TailoredPolicy, truncate
 from .remote import RemoteBase
-from .types import Prompts
+from .types import Prompts, position_ids
 
 
 class LogitArithmetic(Frozen):
@@ -28,12 +28,13 @@ class LogitArithmetic(Frozen):
 
     ``filter`` keeps the base's top-``filter_p`` nucleus (−inf elsewhere; 1.0: all). Adding log-probs or raw logits is
     the same policy: each model's normaliser is one constant per row, which the softmax drops. The models read the base's
-    tokens (one vocabulary: refused otherwise); a model whose output head is wider than the base's (padded vocabulary
+    tokens (one vocabulary: refused otherwise), or with ``chat_templates`` each prompt's text as a user turn of their own
+    chat template, then the same response tokens; a model whose output head is wider than the base's (padded vocabulary
     rows) is read on the base's ids, as proxy-tuning's code does.
     """
 
     def __init__(self, name: str, models: Sequence[Optional[str]], weights: Sequence[float], filter_p: float = 1.0,
-                 top_p: Optional[float] = None, dtype: BaseDType = "auto"):
+                 top_p: Optional[float] = None, dtype: BaseDType = "auto", chat_templates: Optional[Sequence[bool]] = None):
         """
         Args:
             name: Its column in the results (``test/<metric>/<name>``); not 'base' or 'tailored'.
@@ -42,22 +43,28 @@ class LogitArithmetic(Frozen):
             filter_p: Nucleus of the base kept before the others' log-probs are added (1.0: the whole vocabulary).
             top_p: Nucleus mass of the sampling (None: the evaluation's ``sampling.top_p``).
             dtype: The LMs' dtype ('auto': bfloat16 where the hardware runs it natively, else float32).
+            chat_templates: Per model, whether it reads each prompt (the text of the base's prompt tokens, special
+                tokens dropped) as a user turn of its own chat template (None: none do).
 
         Raises:
-            ValueError: a reserved or empty name, models and weights of different lengths, ``filter_p`` or ``top_p``
-                outside (0, 1].
+            ValueError: a reserved or empty name, models and weights (or chat_templates) of different lengths,
+                ``filter_p`` or ``top_p`` outside (0, 1], a chat template asked of the base itself (None) or of a model
+                without one.
         """
         super().__init__()
         if name in ("base", "tailored") or not name or "/" in name:
             raise ValueError(f"compare: a policy's name {name!r} is its results column: not 'base' or 'tailored', not empty, no '/'")
-        if len(models) != len(weights):
-            raise ValueError(f"{name}: {len(models)} models but {len(weights)} weights")
+        chat_templates = [False] * len(models) if chat_templates is None else list(chat_templates)
+        if not len(models) == len(weights) == len(chat_templates):
+            raise ValueError(f"{name}: {len(models)} models, {len(weights)} weights and {len(chat_templates)} chat_templates")
+        if any(chat and m is None for m, chat in zip(models, chat_templates)):
+            raise ValueError(f"{name}: a chat template for the base itself (model None): it reads the base's own prompts")
         for what, p in (("filter_p", filter_p), ("top_p", top_p)):
             if p is not None and not 0 < p <= 1:
                 raise ValueError(f"{name}: {what} must be in (0, 1], got {p}")
         self.name, self.weights, self.filter_p, self.top_p = name, [float(w) for w in weights], filter_p, top_p
         self.paths = list(models)
-        self.models = nn.ModuleList([LocalBase(m, dtype).requires_grad_(False) for m in models if m is not None])
+        self.models = nn.ModuleList([LocalBase(m, dtype, chat).requires_grad_(False) for m, chat in zip(models, chat_templates) if m is not None])
 
     @property
     def max_positions(self) -> Optional[int]:
@@ -127,12 +134,11 @@ class ProxyTuning(LogitArithmetic):
     """Proxy-tuning (Liu et al., "Tuning Language Models by Proxy", COLM 2024): ``base + α·(tuned − untuned)``, as
     ``DExpertsLlama.generate`` of alisawuffles/proxy-tuning computes it (α = 1 in the paper): a small model's tuning
     carried over to the base as the difference of the tuned and untuned small models' logits; then the sampling's
-    temperature and top-p. (There a chat-tuned expert reads its prompt in its chat format; here every model reads the
-    base's tokens.)
+    temperature and top-p. A chat-tuned model reads its prompt in its chat format there: ``tuned_chat_template``.
     """
 
     def __init__(self, tuned: str, untuned: str, alpha: float = 1.0, top_p: Optional[float] = None, dtype: BaseDType = "auto",
-                 name: str = "proxy_tuning"):
+                 tuned_chat_template: bool = False, name: str = "proxy_tuning"):
         """
         Args:
             tuned: The tuned small LM (the proxy-tuning paper: Llama-2-7b-chat).
@@ -140,23 +146,32 @@ class ProxyTuning(LogitArithmetic):
             alpha: Weight of the difference (the paper: 1.0).
             top_p: Nucleus of the sampling (None: the evaluation's).
             dtype: The models' dtype.
+            tuned_chat_template: The tuned model reads each prompt as a user turn of its chat template, as proxy-tuning's
+                code gives its chat experts (``[INST] prompt [/INST]``); base and untuned model read the plain prompt.
             name: Its column in the results.
         """
-        super().__init__(name, [tuned, untuned], [alpha, -alpha], 1.0, top_p, dtype)
+        super().__init__(name, [tuned, untuned], [alpha, -alpha], 1.0, top_p, dtype, [tuned_chat_template, False])
 
 
 class Caches(list):
-    """The KV caches of the base and the other models, one per model (None: a model that is the base)."""
+    """The KV caches of the base and the other models, one per model (None: a model that is the base), and for each model
+    that reads the prompts in its own chat format (by index), its prompts' attention mask [B, P_i], the offset [B] of its
+    positions from the base's, and the base's prompt width."""
+
+    def __init__(self, caches: list, prompts: Optional[dict[int, tuple[Tensor, Tensor, int]]] = None):
+        super().__init__(caches)
+        self.prompts = dict(prompts or {})
 
     def batch_repeat_interleave(self, k: int) -> None:
         for cache in self:
             if cache is not None:
                 cache.batch_repeat_interleave(k)
+        self.prompts = {i: (mask.repeat_interleave(k, 0), offset.repeat_interleave(k, 0), width) for i, (mask, offset, width) in self.prompts.items()}
 
 
 class Combined(Frozen):
     """The base as ``TailoredPolicy``'s sampler reads it, with a ``LogitArithmetic`` applied: the base's interface
-    (tokenizer, stop tokens, ``encode``, ``forward`` with a KV cache, ``response_logprobs``), its log-probs combined."""
+    (tokenizer, stop tokens, ``encode``, ``forward`` with a KV cache), its log-probs combined. For sampling only."""
 
     def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic):
         super().__init__()
@@ -192,20 +207,25 @@ class Combined(Frozen):
 
     @torch.no_grad()
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Optional[Caches] = None, body=None) -> tuple[Tensor, Caches]:
-        """``LocalBase.forward``: the combined next-token log-probs [B, V] after the last position, and the caches."""
-        models = self._models()
-        cache = cache if cache is not None else Caches([None] * (1 + len(models)))
+        """``LocalBase.forward``: the combined next-token log-probs [B, V] after the last position, and the caches.
+
+        The first call (no cache) reads the prompts; a model with a chat template reads each as a user turn of its own
+        (``LocalBase.encode`` of the prompt's text), then the same new tokens at its own positions."""
+        models, first = self._models(), cache is None
+        cache = Caches([None] * (1 + len(models))) if first else cache
         base_logprobs, base_cache = self.base(ids, mask, positions, cache[0])
-        logprobs, caches = [], Caches([base_cache])
-        for model, model_cache in zip(models, cache[1:]):
-            lp, model_cache = (None, None) if model is None else model(ids, mask, positions, model_cache)
+        logprobs, caches = [], Caches([base_cache], cache.prompts)
+        for i, (model, model_cache) in enumerate(zip(models, cache[1:])):
+            own_ids, own_mask, own_positions = ids, mask, positions
+            if model is not None and model.chat_template and first:
+                texts = [self.tokenizer.decode(row[real.bool()], skip_special_tokens=True) for row, real in zip(ids, mask)]
+                own_ids, own_mask = model.encode(texts)
+                own_positions = position_ids(own_mask)
+                caches.prompts[i] = (own_mask, own_positions[:, -1] - positions[:, -1], ids.shape[1])
+            elif model is not None and model.chat_template:
+                prompt_mask, offset, width = cache.prompts[i]
+                own_mask, own_positions = torch.cat([prompt_mask, mask[:, width:]], dim=1), positions + offset[:, None]
+            lp, model_cache = (None, None) if model is None else model(own_ids, own_mask, own_positions, model_cache)
             logprobs.append(lp)
             caches.append(model_cache)
         return self.arithmetic.combine(base_logprobs, logprobs), caches
-
-    @torch.no_grad()
-    def response_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
-        """``LocalBase.response_logprobs`` of the combined policy: [B, L - P, V]."""
-        models = self._models()
-        logprobs = [None if m is None else m.response_logprobs(ids, mask, prompt_length) for m in models]
-        return self.arithmetic.combine(self.base.response_logprobs(ids, mask, prompt_length), logprobs)

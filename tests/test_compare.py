@@ -126,3 +126,26 @@ def test_compare_refuses_bad_policies_before_any_work(models, tiny_gpt2_other_vo
     with pytest.raises(ValueError, match="not 'base' or 'tailored'"):
         DExperts(expert, name="base")
     assert not (tmp_path / "runs").exists()
+
+
+def test_proxy_tuning_gives_a_chat_tuned_model_its_prompt_in_its_chat_format(tmp_path):
+    """As proxy-tuning's ``DExpertsLlama`` does for chat experts: the tuned model reads each prompt as a user turn of its
+    chat template, base and untuned model the plain prompt; all then read the same response tokens."""
+    from model_families import save_tiny_qwen2
+
+    base_path, tuned, untuned = (str(save_tiny_qwen2(tmp_path / name, seed=seed)) for name, seed in [("base", 0), ("tuned", 1), ("untuned", 2)])
+    base = LocalBase(base_path, dtype="float32")
+    combined = ProxyTuning(tuned, untuned, dtype="float32", tuned_chat_template=True).policy(base, Sampling(max_new_tokens=4)).base
+    prompts = base.encode(["The dog runs", "A child reads a book by the"])
+    positions = (prompts.mask.cumsum(-1) - 1).clamp(min=0)
+    first, caches = combined(prompts.ids, prompts.mask, positions)
+    token = first.argmax(-1)  # one response token, read by every model after its own prompt
+    mask = torch.cat([prompts.mask, torch.ones_like(prompts.mask[:, :1])], dim=1)
+    second, _ = combined(token[:, None], mask, positions[:, -1:] + 1, caches)
+    chat = LocalBase(tuned, dtype="float32", chat_template=True).encode(["The dog runs", "A child reads a book by the"])
+    for step, combined_logprobs in enumerate([first, second]):
+        tail = token[:, None] if step else prompts.ids[:, :0]
+        logits = {path: next_logits(path, torch.cat([ids, tail], 1), torch.cat([m, torch.ones_like(tail)], 1))
+                  for path, (ids, m) in [(base_path, prompts), (untuned, prompts), (tuned, chat)]}
+        reference = logits[base_path] + logits[tuned] - logits[untuned]
+        torch.testing.assert_close(combined_logprobs.exp(), reference.softmax(-1), atol=1e-6, rtol=1e-5)
