@@ -11,7 +11,7 @@ from typing import Callable, Literal, Optional, Sequence, Union
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 from .frozen import Frozen
 from .io import write_dir_atomic
@@ -86,12 +86,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def load_causal_lm(path: str, dtype: BaseDType = "float32", **config_overrides) -> nn.Module:
     """An HF causal LM from a resolved hub name or folder, quietly (truncation warns per layer).
 
-    ``dtype`` 'auto': bfloat16 where the hardware runs it natively, else float32.
+    ``dtype`` 'auto': bfloat16 where the hardware runs it natively, else float32. ``num_hidden_layers=k`` keeps the first k
+    layers, and the first k of the config's per-layer lists (``layer_types``: Qwen2, Gemma 3's sliding windows), so that
+    the config describes the model it loads (transformers checks the two agree when a config is rebuilt or saved).
     """
     dtype = fast_inference_dtype() if dtype == "auto" else dtype
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        layers = config_overrides.get("num_hidden_layers")
+        if layers is not None:
+            config = AutoConfig.from_pretrained(path)
+            if isinstance(getattr(config, "layer_types", None), list):
+                config_overrides["layer_types"] = config.layer_types[:layers]
         return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **config_overrides)
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -245,6 +252,40 @@ def top_k_only(logprobs: Tensor, k: Optional[int]) -> Tensor:
     return torch.full_like(logprobs, float("-inf")).scatter(-1, indices, values)
 
 
+def output_logits(lm: nn.Module, hidden: Tensor) -> Tensor:
+    """The logits [..., V] a causal LM's own forward gives for its last hidden states [..., H]: its output head, then what
+    its family's forward does after it (transformers' modeling code): Gemma 2/3's ``final_logit_softcapping``
+    (cap·tanh(logits / cap)), Cohere's ``logit_scale`` (× scale), Granite's ``logits_scaling`` (÷ scaling)."""
+    logits = lm.get_output_embeddings()(hidden)
+    config = lm.config.get_text_config()
+    if (scale := getattr(config, "logit_scale", None)) is not None and isinstance(scale, (int, float)):
+        logits = logits * scale
+    if (scaling := getattr(config, "logits_scaling", None)) is not None:
+        logits = logits / scaling
+    if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def check_output_logits(lm: nn.Module, token_ids: list[int]) -> None:
+    """Refuse a model whose forward makes its logits in a way ``output_logits`` does not (a family's own scaling of
+    them): one forward of ``token_ids`` both ways.
+
+    Raises:
+        ValueError: the two differ by more than float rounding, naming the family.
+    """
+    ids = torch.tensor([token_ids], device=lm.device)
+    full = lm(input_ids=ids).logits[:, -1].float()
+    ours = output_logits(lm, lm.base_model(input_ids=ids).last_hidden_state[:, -1]).float()
+    if not torch.allclose(full, ours, rtol=1e-2, atol=1e-2 * float(full.abs().max())):
+        raise ValueError(
+            f"{lm.config.model_type}: the model's forward turns its last hidden state into logits otherwise than its output head "
+            f"and the scalings lightning_ipa knows (output_logits: final_logit_softcapping, Cohere's logit_scale, Granite's "
+            f"logits_scaling); max |Δ| = {float((full - ours).abs().max()):.3g}: this family is not supported as a base yet"
+        )
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path``, left-padding, with a pad token (EOS when it has none)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -289,6 +330,7 @@ class LocalBase(Frozen):
         self.tokenizer = load_tokenizer(self.path)
         self.lm = load_causal_lm(self.path, dtype).requires_grad_(False).eval()
         self.stop_ids = stop_ids(self.tokenizer, self.lm.generation_config, chat_template, stop_tokens, self.vocab_size, system_prompt)
+        check_output_logits(self.lm, self.tokenizer("The")["input_ids"][-1:] + self.stop_ids[:1])
         pad_with_a_stop_token(self.tokenizer, self.stop_ids)
         self.max_positions = max_positions(self.lm.config)  # its context window (None: unbounded)
         self.forward_count = 0  # incremental forwards since construction: one per generated token
@@ -325,7 +367,7 @@ class LocalBase(Frozen):
         self.forward_count += 1
         out = (self.lm.base_model if body is None else body)(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         # the head on a contiguous [B, H] slice: a strided 3-D input sends bfloat16 CPU matmuls down a slow path
-        logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
+        logits = output_logits(self.lm, out.last_hidden_state[:, -1].contiguous())
         return top_k_only(logits.float().log_softmax(-1), self.top_k), out.cache
 
     @torch.no_grad()
@@ -337,4 +379,4 @@ class LocalBase(Frozen):
         """
         hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         states = hidden[:, prompt_length - 1 : -1].contiguous()  # the states that predict each response token
-        return top_k_only(self.lm.get_output_embeddings()(states).float().log_softmax(-1), self.top_k)
+        return top_k_only(output_logits(self.lm, states).float().log_softmax(-1), self.top_k)

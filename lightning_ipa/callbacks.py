@@ -344,13 +344,14 @@ class TestResults(Callback):
         policies = pl_module.evaluation.policies("test")
         table = results_table(trainer, "test", policies)  # NaN where undefined: null in results.json
         conventions = self.conventions(pl_module)
-        results = {"checkpoint": trainer.ckpt_path, "prompts": prompts,
+        checkpoint = str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None  # absolute: export finds it from anywhere
+        results = {"checkpoint": checkpoint, "prompts": prompts,
                    "samples_per_prompt": pl_module.evaluation.num_samples("test"), "metrics": table,
                    "conventions": {metric: conventions.get(metric, "") for metric in table}}
         write_text_atomic(folder / "results.json", json.dumps(finite_or_null(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         rows = [{"metric": metric, **{policy: values.get(policy, float("nan")) for policy in policies}, "convention": conventions.get(metric, "")}
                 for metric, values in table.items()]
-        heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {trainer.ckpt_path}\n\n"
+        heading = f"Test: {prompts} prompts × {results['samples_per_prompt']} samples per policy; checkpoint {checkpoint}\n\n"
         write_text_atomic(folder / "results.md", heading + markdown_table(rows) + "\n")
         print(f"Wrote results.json, results.md and {generations.name} to {folder}")
 

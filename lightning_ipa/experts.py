@@ -8,6 +8,7 @@ seeds, sampling settings and metrics (``IPAModule(compare=[...])``): one results
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -19,6 +20,9 @@ from .frozen import Frozen
 from .policy import Sampling, TailoredPolicy, truncate
 from .remote import RemoteBase
 from .types import Prompts, position_ids
+
+
+RESERVED = ("base", "tailored", "prompt", "metric", "convention")  # names other columns of the results already have
 
 
 class LogitArithmetic(Frozen):
@@ -37,7 +41,7 @@ class LogitArithmetic(Frozen):
                  top_p: Optional[float] = None, dtype: BaseDType = "auto", chat_templates: Optional[Sequence[bool]] = None):
         """
         Args:
-            name: Its column in the results (``test/<metric>/<name>``); not 'base' or 'tailored'.
+            name: Its column in the results (``test/<metric>/<name>``): letters, digits, '_', '.', '-'; not one of ``RESERVED``.
             models: Each LM's hub name, folder or ``.gguf`` (None: the base's own log-probs, unfiltered).
             weights: Each LM's weight w_i (any sign).
             filter_p: Nucleus of the base kept before the others' log-probs are added (1.0: the whole vocabulary).
@@ -52,8 +56,9 @@ class LogitArithmetic(Frozen):
                 without one.
         """
         super().__init__()
-        if name in ("base", "tailored") or not name or "/" in name:
-            raise ValueError(f"compare: a policy's name {name!r} is its results column: not 'base' or 'tailored', not empty, no '/'")
+        if name in RESERVED or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"compare: a policy's name {name!r} is its results column and metric suffix: letters, digits, '_', '.', "
+                             f"'-', and none of {list(RESERVED)} (the other columns of results.md and generations.jsonl)")
         chat_templates = [False] * len(models) if chat_templates is None else list(chat_templates)
         if not len(models) == len(weights) == len(chat_templates):
             raise ValueError(f"{name}: {len(models)} models, {len(weights)} weights and {len(chat_templates)} chat_templates")
@@ -91,7 +96,7 @@ class LogitArithmetic(Frozen):
         with the evaluation's ``sampling`` (its own ``top_p``, if set), on the base's device."""
         sampling = sampling if self.top_p is None else replace(sampling, top_p=self.top_p)
         device = next(itertools.chain(base.parameters(), base.buffers())).device
-        return TailoredPolicy(Combined(base, self), None, sampling=sampling).to(device)
+        return TailoredPolicy(Combined(base, self, sampling.min_new_tokens), None, sampling=sampling).to(device)
 
     def combine(self, base_logprobs: Tensor, logprobs: list[Optional[Tensor]]) -> Tensor:
         """The policy's log-probs [..., V] from the base's [..., V] and each model's ([..., ≥V]; None: the base's)."""
@@ -158,9 +163,10 @@ class Caches(list):
     that reads the prompts in its own chat format (by index), its prompts' attention mask [B, P_i], the offset [B] of its
     positions from the base's, and the base's prompt width."""
 
-    def __init__(self, caches: list, prompts: Optional[dict[int, tuple[Tensor, Tensor, int]]] = None):
+    def __init__(self, caches: list, prompts: Optional[dict[int, tuple[Tensor, Tensor, int]]] = None, step: int = 0):
         super().__init__(caches)
         self.prompts = dict(prompts or {})
+        self.step = step  # the response position the next token takes
 
     def batch_repeat_interleave(self, k: int) -> None:
         for cache in self:
@@ -171,11 +177,17 @@ class Caches(list):
 
 class Combined(Frozen):
     """The base as ``TailoredPolicy``'s sampler reads it, with a ``LogitArithmetic`` applied: the base's interface
-    (tokenizer, stop tokens, ``encode``, ``forward`` with a KV cache), its log-probs combined. For sampling only."""
+    (tokenizer, stop tokens, ``encode``, ``forward`` with a KV cache), its log-probs combined. For sampling only.
 
-    def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic):
+    Before ``min_new_tokens`` the base's stop tokens are banned before its nucleus is taken (a base sure to stop would
+    otherwise leave a nucleus of stop tokens only), as the policy bans them before it samples."""
+
+    def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic, min_new_tokens: int = 1):
         super().__init__()
-        self.base, self.arithmetic = base, arithmetic
+        self.base, self.arithmetic, self.min_new_tokens = base, arithmetic, min_new_tokens
+        stops = torch.zeros(base.vocab_size, dtype=torch.bool)
+        stops[base.stop_ids] = True
+        self.register_buffer("stops", stops, persistent=False)
         self.tokenizer, self.path, self.stop_ids = base.tokenizer, base.path, base.stop_ids
         self.chat_template, self.system_prompt = base.chat_template, base.system_prompt
         windows = [w for w in (base.max_positions, arithmetic.max_positions) if w is not None]
@@ -214,7 +226,10 @@ class Combined(Frozen):
         models, first = self._models(), cache is None
         cache = Caches([None] * (1 + len(models))) if first else cache
         base_logprobs, base_cache = self.base(ids, mask, positions, cache[0])
-        logprobs, caches = [], Caches([base_cache], cache.prompts)
+        if cache.step < self.min_new_tokens:  # no stop yet: banned (where the base's support has another token) and renormalised
+            banned = self.stops & (base_logprobs.masked_fill(self.stops, float("-inf")) > float("-inf")).any(-1, keepdim=True)
+            base_logprobs = base_logprobs.masked_fill(banned, float("-inf")).log_softmax(-1)
+        logprobs, caches = [], Caches([base_cache], cache.prompts, cache.step + 1)
         for i, (model, model_cache) in enumerate(zip(models, cache[1:])):
             own_ids, own_mask, own_positions = ids, mask, positions
             if model is not None and model.chat_template and first:

@@ -9,6 +9,7 @@ run's test metrics). ``AdapterLogitsProcessor.from_pretrained(folder)`` applies 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,9 +21,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .adapters import Adapter, AdapterConfig, ProjectedHead
 from .algorithms import RLOO
+from .bases import LocalBase
 from .io import write_dir_atomic, write_text_atomic
 from .policy import Sampling, TailoredPolicy
 from .processor import ADAPTER_FILE, CONTROL_FILE
+from .remote import RemoteBase
 
 ADAPTER_PREFIX = "policy.adapter."
 
@@ -51,11 +54,18 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
         SystemExit: no such checkpoint, one without the configuration ``fit`` saves, one whose tensors do not fit the
             adapter it configures, or an ``output`` that exists (without ``overwrite``).
     """
-    ckpt, target = Path(ckpt_path), Path(output)
+    ckpt, target = Path(ckpt_path), Path(output).resolve()
     if not ckpt.is_file():
         raise SystemExit(f"--ckpt_path {ckpt_path}: no such file; pass a checkpoint written by fit (a run's checkpoints/last.ckpt)")
-    if (target.is_file() or target.is_dir() and any(target.iterdir())) and not overwrite:
+    if target.is_file():
+        raise SystemExit(f"--output {output} is a file: give a folder to write the adapter into")
+    holds = [what for what, path in (("the checkpoint", ckpt.resolve()), ("the working directory", Path.cwd())) if path == target or target in path.parents]
+    if holds:
+        raise SystemExit(f"--output {output} holds {holds[0]}, which writing the folder would replace: choose a new folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise SystemExit(f"--output {output} exists: choose another folder, or pass --overwrite true to replace it")
+    if results and not Path(results).is_file():
+        raise SystemExit(f"--results {results}: no such file; pass the results.json a `test` of this checkpoint wrote, or leave it out")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams.get("base"), dict) or "class_path" not in hparams["base"]:
@@ -70,10 +80,14 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
     model = adapter_model(adapter)
     generation = generation_config(policy)
     results_path = Path(results) if results else find_results(ckpt)
-    card = model_card(hparams, checkpoint, ckpt, json.loads(results_path.read_text()) if results_path else None, results_path)
-    meta = {"format": 1, "alpha": policy.alpha, "never_sampled": policy.never_sampled.nonzero().flatten().tolist(),
+    tested = json.loads(results_path.read_text()) if results_path else None
+    if tested is not None and not same_file(tested.get("checkpoint"), ckpt, results_path):
+        raise SystemExit(f"--results {results}: the results of a test of {tested.get('checkpoint')}, not of {ckpt_path}")
+    card = model_card(hparams, checkpoint, ckpt, base, tested, results_path)
+    meta = {"format": 1, "alpha": policy.alpha, "vocab_size": base.vocab_size, "never_sampled": policy.never_sampled.nonzero().flatten().tolist(),
+            "stop_ids": list(base.stop_ids), "min_new_tokens": policy.sampling.min_new_tokens, "base_top_k": base.support_size,
             "control": adapter.control_mode if adapter.controls is not None else None,
-            "base": hparams["base"], "adapter": hparams.get("adapter"), "checkpoint": str(ckpt)}
+            "base": hparams["base"], "adapter": hparams.get("adapter"), "checkpoint": str(ckpt.resolve())}
 
     def write_extras(folder: Path) -> None:
         base.tokenizer.save_pretrained(folder)
@@ -128,14 +142,37 @@ def adapter_model(adapter: Adapter) -> PreTrainedModel:
     return model.eval()
 
 
+NEUTRAL = {  # generate fills a field left None from the base's own generation_config.json: every other one that changes
+    # the sampled distribution is set to what leaves it as it is
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "min_p": 0.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_length": 0, "suppress_tokens": [], "begin_suppress_tokens": [], "num_beams": 1,
+}
+
+
 def generation_config(policy: TailoredPolicy) -> GenerationConfig:
-    """``Sampling`` as transformers' ``GenerationConfig``: sampling with the run's temperature, top-k, top-p and lengths,
-    its stop tokens as ``eos_token_id`` (every one ends a row, as in ``TailoredPolicy``) and its padding token."""
+    """``Sampling`` as transformers' ``GenerationConfig``: sampling with the run's temperature, top-k, top-p and
+    ``max_new_tokens``, its stop tokens as ``eos_token_id`` (every one ends a row, as in ``TailoredPolicy``), its padding
+    token, and every other field that changes the sampled distribution neutral (``NEUTRAL``). ``min_new_tokens`` is 0:
+    ``AdapterLogitsProcessor`` bans the stop tokens itself, as the policy does (before a top-k base's support is taken).
+
+    Warns where ``generate`` cannot follow ``Sampling``: ``min_tokens_to_keep`` above 1 (transformers keeps 1 when sampling)."""
     s = policy.sampling
+    if s.min_tokens_to_keep > 1:
+        warnings.warn(f"sampling.min_tokens_to_keep={s.min_tokens_to_keep}: transformers' generate keeps at least 1 token when it "
+                      "samples, so top-k/top-p there can keep fewer tokens than the policy did", stacklevel=2)
     return GenerationConfig(
         do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-        min_new_tokens=s.min_new_tokens, eos_token_id=list(policy.base.stop_ids), pad_token_id=policy.pad_id,
+        min_new_tokens=0, eos_token_id=list(policy.base.stop_ids), pad_token_id=policy.pad_id, **NEUTRAL,
     )
+
+
+def same_file(tested: Optional[str], ckpt: Path, results: Path) -> bool:
+    """Whether a ``results.json``'s ``checkpoint`` (absolute as ``TestResults`` writes it; relative to the folder the test
+    ran in, by older ones: tried from here and from the results' run's ``save_dir``'s parent) is ``ckpt``."""
+    if not tested:
+        return False
+    candidates = [Path(tested)] if Path(tested).is_absolute() else [Path(tested), *(parent / tested for parent in results.resolve().parents[2:4])]
+    return any(c.resolve() == ckpt.resolve() for c in candidates)
 
 
 def find_results(ckpt: Path) -> Optional[Path]:
@@ -147,32 +184,42 @@ def find_results(ckpt: Path) -> Optional[Path]:
             tested = json.loads(path.read_text()).get("checkpoint")
         except (OSError, ValueError):
             continue
-        if tested and Path(tested).resolve() == ckpt.resolve():
+        if same_file(tested, ckpt, path):
             found.append(path)
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def model_card(hparams: dict[str, Any], checkpoint: dict[str, Any], ckpt: Path, results: Optional[dict[str, Any]],
-               results_path: Optional[Path]) -> str:
-    """The folder's ``README.md``: what the adapter was trained for and with, its test metrics, and how to use it."""
-    base = hparams["base"].get("init_args", {}).get("name_or_path") or hparams["base"].get("init_args", {}).get("model", "?")
+def model_card(hparams: dict[str, Any], checkpoint: dict[str, Any], ckpt: Path, base: LocalBase | RemoteBase,
+               results: Optional[dict[str, Any]], results_path: Optional[Path]) -> str:
+    """The folder's ``README.md``: what the adapter was trained for and with, its test metrics, and how to use it (the
+    base as it was loaded: a hub name, or the local folder a file was converted into; its chat template if it used one)."""
+    init = hparams["base"].get("init_args", {})
+    name = init.get("name_or_path") or init.get("model") or "?"
     rollouts = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total", {}).get("processed")
 
     def block(value: Any) -> str:
         return "```yaml\n" + yaml.safe_dump(value, sort_keys=False).strip() + "\n```"
 
+    if isinstance(base, RemoteBase):
+        load = [f"base = ...  # the model behind {init.get('base_url')} ({name}): its local weights, if you have them"]
+    else:
+        where = "" if base.path == name else f"  # {name}, as converted for training"
+        load = [f"base = AutoModelForCausalLM.from_pretrained({base.path!r}){where}"]
+    prompts = "['Your prompt']"
+    if base.chat_template:
+        prompts = "[tokenizer.apply_chat_template([{'role': 'user', 'content': 'Your prompt'}], tokenize=False, add_generation_prompt=True)]"
     lines = [
-        "---", "library_name: transformers", f"base_model: {base}", "tags: [lightning_ipa, inference-time-policy-adapter]", "---", "",
-        f"# IPA adapter for `{base}`", "",
+        "---", "library_name: transformers", f"base_model: {name}", "tags: [lightning_ipa, inference-time-policy-adapter]", "---", "",
+        f"# IPA adapter for `{name}`", "",
         f"An Inference-time Policy Adapter (Lu et al., EMNLP 2023) trained with lightning_ipa: at every step the base's "
         f"log-probs and this model's logits make the tailored policy `log_softmax(base) + α·adapter`, α = {hparams.get('alpha', 1.0)}.",
         "", "## Use it", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "from lightning_ipa.processor import AdapterLogitsProcessor",
-        f"tokenizer = AutoTokenizer.from_pretrained({base!r}, padding_side='left')",
-        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        "from lightning_ipa import AdapterLogitsProcessor",
+        "tokenizer = AutoTokenizer.from_pretrained('<this folder>', padding_side='left')  # the base's, with its pad token",
+        *load,
         "ipa = AdapterLogitsProcessor.from_pretrained('<this folder>')",
-        "inputs = tokenizer(['Your prompt'], return_tensors='pt', padding=True)",
+        f"inputs = tokenizer({prompts}, return_tensors='pt', padding=True, add_special_tokens={not base.chat_template})",
         "out = base.generate(**inputs, logits_processor=[ipa.reset(inputs['attention_mask'])], generation_config=ipa.generation_config)",
         "```", "",
         "## Training", "",
@@ -185,7 +232,7 @@ def model_card(hparams: dict[str, Any], checkpoint: dict[str, Any], ckpt: Path, 
     if results is None:
         lines.append("No `test` of this checkpoint was found beside its run (`python -m lightning_ipa test --ckpt_path ...`, then export again).")
     else:
-        policies = sorted({p for values in results["metrics"].values() for p in values}, key=lambda p: (p != "base", p != "tailored", p))
+        policies = list(dict.fromkeys(p for values in results["metrics"].values() for p in values))  # results.json's order
         lines += [f"From `{results_path}`: {results.get('prompts')} prompts × {results.get('samples_per_prompt')} samples per policy.", "",
                   "| metric | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
         for metric, values in results["metrics"].items():

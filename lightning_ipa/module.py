@@ -379,8 +379,8 @@ class IPAModule(LightningModule):
         kept = self.checkpointed_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         hparams = checkpoint.get("hyper_parameters", {})
-        for name in [k for k, v in hparams.items() if isinstance(v, nn.Module)]:
-            del hparams[name]  # a base passed as an object (outside the CLI) is not saved either
+        for name in [k for k, v in hparams.items() if holds_module(v)]:
+            del hparams[name]  # a base, or compare policies, passed as objects (outside the CLI) are not saved either
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -423,6 +423,15 @@ class IPAModule(LightningModule):
                 f"the checkpoint {path or ''} does not fit the configured model (adapter, algorithm):\n  " + "\n  ".join(problems)
                 + f"\nTo load it, {hint} (with your changes to decoding or evaluation after it)"
             )
+
+
+def holds_module(value: Any) -> bool:
+    """Whether a hyperparameter is, or holds (in a list, tuple or dict), an ``nn.Module``: its weights, pickled."""
+    if isinstance(value, nn.Module):
+        return True
+    if isinstance(value, dict):
+        return any(holds_module(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(holds_module(v) for v in value)
 
 
 def refuse_long_prompts(policy: TailoredPolicy, data: PromptDataModule, stage: str) -> None:

@@ -172,6 +172,22 @@ def _truncate_ranked(values: Tensor, ids: Tensor, vocab: int, k: int, top_p: flo
     return Truncated(ids, values.log_softmax(-1)), decided
 
 
+def product_of_experts(base_logprobs: Tensor, adapter_logits: Optional[Tensor], alpha: float, never_sampled: Tensor, stops: Tensor,
+                       early: Tensor, full_support: bool) -> Tensor:
+    """The tailored policy's unnormalised log-probs before temperature [..., V]: ``base_logprobs + α·adapter_logits``
+    (``adapter_logits`` None: the base alone), with ``never_sampled`` [V] tokens, and the ``stops`` [V] where ``early``
+    [...] (before ``min_new_tokens``), set to −inf. Where a base whose support is not ``full_support`` (top-k) has no
+    token left, the bans give way for that row: first the ban on stopping early, then the ban on padding.
+    ``TailoredPolicy.scores`` and ``AdapterLogitsProcessor`` both compute it."""
+    scores = base_logprobs if adapter_logits is None else base_logprobs + alpha * adapter_logits.float()
+    banned = never_sampled | (stops & early[..., None])  # [..., V]
+    if not full_support:  # a top-k support can lie inside the bans (a whole vocabulary cannot)
+        supported = base_logprobs > float("-inf")
+        empty = ~(supported & ~banned).any(-1, keepdim=True)  # [..., 1] rows the bans would leave with nothing
+        banned = torch.where(empty, never_sampled & (supported & ~never_sampled).any(-1, keepdim=True), banned)
+    return scores.masked_fill(banned, float("-inf"))
+
+
 def long_prompts_error(long: list[tuple[int, int]], prompts: list[str], room: int, max_new_tokens: int, where: str, windows: str) -> str:
     """The message that refuses prompts too long for the context window: which (index, tokens, start), the limit, the fixes."""
     shown = "; ".join(f"#{i}: {n} tokens ({prompts[i][:60]!r}{'…' * (len(prompts[i]) > 60)})" for i, n in long[:5])
@@ -370,14 +386,9 @@ class TailoredPolicy(Frozen):
         ``min_new_tokens``, or padding), they give way, in turn, for that row: first the ban on stopping early, then
         the ban on padding. The policy is then the base's support itself: never empty, never NaN.
         """
-        scores = base_logprobs if adapter_logits is None else base_logprobs + self.alpha * adapter_logits.float()
-        early = (torch.as_tensor(step, device=scores.device) < self.sampling.min_new_tokens)[..., None]  # [..., 1]
-        banned = self.never_sampled | (self.stops & early)  # [..., V]
-        if not self.base.full_support:  # a top-k support can lie inside the bans (a whole vocabulary cannot)
-            supported = base_logprobs > float("-inf")
-            empty = ~(supported & ~banned).any(-1, keepdim=True)  # [..., 1] rows the bans would leave with nothing
-            banned = torch.where(empty, self.never_sampled & (supported & ~self.never_sampled).any(-1, keepdim=True), banned)
-        return scores.masked_fill(banned, float("-inf")) / self.sampling.temperature
+        early = torch.as_tensor(step, device=base_logprobs.device) < self.sampling.min_new_tokens
+        scores = product_of_experts(base_logprobs, adapter_logits, self.alpha, self.never_sampled, self.stops, early, self.base.full_support)
+        return scores / self.sampling.temperature
 
     def ended(self, response_ids: Tensor, response_mask: Tensor) -> Tensor:
         """[B] whether each response ended with a stop token (rather than at ``max_new_tokens``)."""

@@ -59,11 +59,12 @@ def test_dexperts_and_proxy_tuning_compute_what_their_references_compute(models)
     base = LocalBase(base_path, dtype="float32")
     prompts = base.encode(PROMPTS)
     raw = {path: next_logits(path, prompts.ids, prompts.mask) for path in models}
-    sampling = Sampling(max_new_tokens=4)
+    sampling = Sampling(max_new_tokens=4)  # min_new_tokens 1: no stop token as the first (the protocol's ban on the base)
+    banned = raw[base_path].index_fill(-1, torch.tensor(base.stop_ids), float("-inf"))
     for policy, reference in [
-        (DExperts(expert, anti, alpha=2.0, dtype="float32"), reference_top_p_filter(raw[base_path], 0.9) + 2.0 * (raw[expert] - raw[anti])),
-        (DExperts(None, anti, alpha=1.5, filter_p=1.0, dtype="float32"), raw[base_path] + 1.5 * (raw[base_path] - raw[anti])),  # anti-only
-        (ProxyTuning(expert, anti, alpha=1.0, dtype="float32"), raw[base_path] + (raw[expert] - raw[anti])),
+        (DExperts(expert, anti, alpha=2.0, dtype="float32"), reference_top_p_filter(banned, 0.9) + 2.0 * (raw[expert] - raw[anti])),
+        (DExperts(None, anti, alpha=1.5, filter_p=1.0, dtype="float32"), banned + 1.5 * (raw[base_path] - raw[anti])),  # anti-only
+        (ProxyTuning(expert, anti, alpha=1.0, dtype="float32"), banned + (raw[expert] - raw[anti])),
     ]:
         combined = policy.policy(base, sampling).base
         logprobs, _ = combined(prompts.ids, prompts.mask, (prompts.mask.cumsum(-1) - 1).clamp(min=0))
@@ -123,8 +124,9 @@ def test_compare_refuses_bad_policies_before_any_work(models, tiny_gpt2_other_vo
     twice = "{class_path: lightning_ipa.ProxyTuning, init_args: {tuned: %s, untuned: %s}}" % (expert, expert)
     with pytest.raises(ValueError, match=r"names \['proxy_tuning', 'proxy_tuning'\] repeat"):
         main([*args, f"--model.compare=[{twice}, {twice}]"])
-    with pytest.raises(ValueError, match="not 'base' or 'tailored'"):
-        DExperts(expert, name="base")
+    for name in ["base", "tailored", "prompt", "metric", "convention", "my policy", "a/b", ""]:
+        with pytest.raises(ValueError, match="is its results column and metric suffix"):
+            DExperts(expert, name=name)
     assert not (tmp_path / "runs").exists()
 
 
@@ -147,5 +149,37 @@ def test_proxy_tuning_gives_a_chat_tuned_model_its_prompt_in_its_chat_format(tmp
         tail = token[:, None] if step else prompts.ids[:, :0]
         logits = {path: next_logits(path, torch.cat([ids, tail], 1), torch.cat([m, torch.ones_like(tail)], 1))
                   for path, (ids, m) in [(base_path, prompts), (untuned, prompts), (tuned, chat)]}
-        reference = logits[base_path] + logits[tuned] - logits[untuned]
+        base_logits = logits[base_path] if step else logits[base_path].index_fill(-1, torch.tensor(base.stop_ids), float("-inf"))  # min_new_tokens 1
+        reference = base_logits + logits[tuned] - logits[untuned]
         torch.testing.assert_close(combined_logprobs.exp(), reference.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_dexperts_bans_early_stops_before_taking_the_base_nucleus(tmp_path):
+    """A base sure to stop at once has a nucleus of stop tokens only: DExperts bans them first (min_new_tokens), as the
+    policy does, rather than letting its ban give way and stopping where the base alone cannot."""
+    from model_families import save_tiny_llama as save_family_llama
+
+    base_path, expert, anti = (str(save_family_llama(tmp_path / name, seed=seed, best_token=token))
+                               for name, seed, token in [("base", 0, "</s>"), ("expert", 1, None), ("anti", 2, None)])
+    base = LocalBase(base_path, dtype="float32")
+    sampling = Sampling(max_new_tokens=6, min_new_tokens=3, top_p=0.9)
+    prompts = base.encode(PROMPTS)
+    first, _ = base(prompts.ids, prompts.mask, (prompts.mask.cumsum(-1) - 1).clamp(min=0))
+    assert (first[:, base.stop_ids].exp().sum(-1) > 0.9).all()  # the base's nucleus is its stop tokens
+    for policy in [TailoredPolicy(base, None, sampling=sampling), DExperts(expert, anti, alpha=2.0, dtype="float32").policy(base, sampling)]:
+        drawn = policy.generate(prompts, torch.Generator().manual_seed(0), samples_per_prompt=4)
+        assert (drawn.response_mask.sum(-1) >= 3).all() and not policy.stops[drawn.response_ids[:, :2]].any()
+
+
+def test_compare_policies_passed_as_objects_stay_out_of_checkpoints(models, tiny_llama):
+    """A module built in Python holds its base and compare policies as objects: their weights are not pickled into the
+    checkpoint's hyperparameters (the CLI saves their configuration instead)."""
+    from lightning_ipa import IPAModule
+    from tasks.quickstart import ConceptCoverage
+
+    base_path, expert, anti = models
+    module = IPAModule(LocalBase(base_path, dtype="float32"), ConceptCoverage(), compare=[DExperts(expert, anti, dtype="float32")])
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    assert "compare" not in checkpoint["hyper_parameters"] and "base" not in checkpoint["hyper_parameters"]
+    assert checkpoint["hyper_parameters"]["alpha"] == 1.0 and not any(k.startswith("compare.") for k in checkpoint["state_dict"])

@@ -2,13 +2,15 @@
 draws, for the same seed, the tokens ``TailoredPolicy.generate`` draws."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import save_tiny_llama
+from model_families import save_tiny_qwen2
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
 from lightning_ipa.algorithms import Quark
 from lightning_ipa.cli import main
@@ -42,15 +44,16 @@ def fitted(tmp_path_factory):
     return root, base, other, ckpt
 
 
-def variant(fitted, name: str, adapter: dict, sampling: dict, algorithm=None) -> tuple[Path, TailoredPolicy]:
-    """The fitted checkpoint with another adapter / decoding / algorithm configuration and random trained tensors (so
-    that the adapter moves the policy far from the base), saved as a new checkpoint; and our policy built from it."""
-    root, base_path, _, ckpt = fitted
+def variant(fitted, name: str, adapter: dict, sampling: dict, algorithm=None, base_args=None) -> tuple[Path, TailoredPolicy]:
+    """The fitted checkpoint with another base / adapter / decoding / algorithm configuration and random trained tensors
+    (so that the adapter moves the policy far from the base), saved as a new checkpoint; and our policy built from it."""
+    root, _, _, ckpt = fitted
     checkpoint = torch.load(ckpt, weights_only=False)
     hparams = checkpoint["hyper_parameters"]
+    hparams["base"]["init_args"].update(base_args or {})
     hparams["adapter"].update(adapter)
     hparams["sampling"].update(sampling)
-    base = LocalBase(base_path, dtype="float32")
+    base = LocalBase(**{**hparams["base"]["init_args"], "dtype": "float32"})
     built = Adapter.build(AdapterConfig(**hparams["adapter"]), base)
     if algorithm is not None:
         hparams["algorithm"] = algorithm
@@ -64,16 +67,15 @@ def variant(fitted, name: str, adapter: dict, sampling: dict, algorithm=None) ->
     return path, TailoredPolicy(base, built, hparams["alpha"], Sampling(**hparams["sampling"]))
 
 
-def draws_of_generate(folder: Path, base_path: str, seed: int, processor: bool = True) -> torch.Tensor:
-    """The response tokens [B, T] of plain transformers' ``generate`` on the base with the exported processor and
-    generation config, after ``torch.manual_seed(seed)`` (padding after a row's end)."""
-    ipa = AdapterLogitsProcessor.from_pretrained(str(folder))
+def draws_of_generate(folder: Path, base_path: str, seed: int, alpha=None) -> torch.Tensor:
+    """The response tokens [B, T] of plain transformers' ``generate`` on the base with the exported processor (α as
+    trained, or ``alpha``) and generation config, after ``torch.manual_seed(seed)`` (padding after a row's end)."""
+    ipa = AdapterLogitsProcessor.from_pretrained(str(folder), alpha=alpha)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     torch.manual_seed(seed)
-    processors = [ipa.reset(inputs["attention_mask"])] if processor else []
-    out = base.generate(**inputs, logits_processor=processors, generation_config=ipa.generation_config)
+    out = base.generate(**inputs, logits_processor=[ipa.reset(inputs["attention_mask"])], generation_config=ipa.generation_config)
     return out[:, inputs["input_ids"].shape[1]:]
 
 
@@ -85,6 +87,9 @@ def draws_of_ours(policy: TailoredPolicy, seed: int, pad: int, use_adapter: bool
 SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 12, "min_new_tokens": 3}
 CASES = {
     "projection head from the base's layers": ({"head": "projection"}, SAMPLING, None),
+    "a base trained on its top-k support": ({"head": "projection"}, SAMPLING, None, {"top_k": 5}),
+    "a base whose own generation config penalises repetition": ({"head": "zeros"}, SAMPLING, None, {"name_or_path": "penalised"}),
+    "a Qwen2 base (per-layer types) and a 1-layer adapter": ({"head": "projection", "num_layers": 1}, SAMPLING, None, {"name_or_path": "qwen2"}),
     "zeros head, top-k 20 at temperature 1.5": ({"head": "zeros"}, {**SAMPLING, "top_k": 20, "temperature": 1.5, "top_p": 1.0}, None),
     "pretrained head of its own checkpoint": ({"head": "pretrained", "name_or_path": "other", "num_layers": None}, SAMPLING, None),
     "Quark's prefix control code": ({"head": "projection"}, SAMPLING, {"class_path": "lightning_ipa.algorithms.Quark", "init_args": {"quantiles": 3}}),
@@ -95,20 +100,29 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_exported_adapter_in_transformers_generate_draws_what_our_sampler_draws(fitted, tmp_path, case):
-    adapter, sampling, algorithm = CASES[case]
+    adapter, sampling, algorithm, *base_args = CASES[case]
+    base_args = dict(*base_args)
     if adapter.get("name_or_path") == "other":
         adapter = {**adapter, "name_or_path": fitted[2]}
-    ckpt, policy = variant(fitted, case.split()[0], adapter, sampling, algorithm)
+    if base_args.get("name_or_path") == "penalised":  # generate fills unset fields from the base's generation_config.json
+        shutil.copytree(fitted[1], tmp_path / "penalised")
+        GenerationConfig(eos_token_id=0, do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, min_p=0.2, top_k=3).save_pretrained(tmp_path / "penalised")
+        base_args["name_or_path"] = str(tmp_path / "penalised")
+    if base_args.get("name_or_path") == "qwen2":
+        base_args["name_or_path"] = str(save_tiny_qwen2(tmp_path / "qwen2"))
+    ckpt, policy = variant(fitted, case.split()[0], adapter, sampling, algorithm, base_args)
     folder = export_adapter(str(ckpt), str(tmp_path / "adapter"))
-    pad = policy.pad_id
+    base_path, pad = policy.base.path, policy.pad_id
     tailored = [draws_of_ours(policy, seed, pad) for seed in range(6)]
     assert len({tuple(t.flatten().tolist()) for t in tailored}) == 6  # the draws vary with the seed
     for seed, ours in enumerate(tailored):
-        theirs = draws_of_generate(folder, fitted[1], seed)
+        theirs = draws_of_generate(folder, base_path, seed)
         assert torch.equal(theirs, ours[:, : theirs.shape[1]]) and (ours[:, theirs.shape[1]:] == pad).all(), (case, seed)
-    base_alone = draws_of_ours(policy, 0, pad, use_adapter=False)
-    assert not torch.equal(base_alone, tailored[0])  # the adapter changes what is drawn ...
-    assert torch.equal(draws_of_generate(folder, fitted[1], 0, processor=False), base_alone[:, : base_alone.shape[1]])  # ... and the base alone is generate's
+    for seed in range(2):  # with α = 0 the processor is the base alone, as our evaluation draws it
+        base_alone = draws_of_ours(policy, seed, pad, use_adapter=False)
+        assert not torch.equal(base_alone, tailored[seed])
+        theirs = draws_of_generate(folder, base_path, seed, alpha=0.0)
+        assert torch.equal(theirs, base_alone[:, : theirs.shape[1]]) and (base_alone[:, theirs.shape[1]:] == pad).all(), (case, seed)
 
 
 def test_export_cli_writes_a_transformers_folder_with_a_model_card(fitted, tmp_path):
@@ -121,6 +135,10 @@ def test_export_cli_writes_a_transformers_folder_with_a_model_card(fitted, tmp_p
     meta = json.loads((out / "ipa_adapter.json").read_text())
     assert meta["alpha"] == 1.0 and meta["control"] is None and meta["never_sampled"] == [AutoTokenizer.from_pretrained(out).pad_token_id]
     card = (out / "README.md").read_text()
+    code = card.partition("```python\n")[2].partition("```")[0].replace("<this folder>", str(out))
+    namespace: dict = {}
+    exec(code, namespace)  # the card's example runs as written (the base as loaded for training)
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     results = json.loads((root / "runs" / "quickstart" / "version_1" / "results.json").read_text())
     assert f"base_model: {base}" in card and "tasks.quickstart.ConceptCoverage" in card and "lightning_ipa.algorithms.RLOO" in card
     assert f"| coverage | {results['metrics']['coverage']['base']:.4g} | {results['metrics']['coverage']['tailored']:.4g} |" in card
@@ -132,6 +150,18 @@ def test_export_cli_writes_a_transformers_folder_with_a_model_card(fitted, tmp_p
     main(["export", "--ckpt_path", str(ckpt), "--output", str(out), "--overwrite", "true"])
     with pytest.raises(SystemExit, match="no such file"):
         main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "x")])
+    (tmp_path / "afile").write_text("")
+    for output, message in [(tmp_path / "afile", "is a file"), (ckpt.parents[1], "holds the checkpoint"), (Path("."), "holds the working directory")]:
+        with pytest.raises(SystemExit, match=message):
+            export_adapter(str(ckpt), str(output), overwrite=True)
+    assert ckpt.is_file()
+    with pytest.raises(SystemExit, match="--results .*: no such file"):
+        export_adapter(str(ckpt), str(tmp_path / "x"), results=str(tmp_path / "missing.json"))
+    other = json.loads((root / "runs" / "quickstart" / "version_1" / "results.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**other, "checkpoint": str(tmp_path / "another.ckpt")}))
+    with pytest.raises(SystemExit, match="the results of a test of .*another.ckpt, not of"):
+        export_adapter(str(ckpt), str(tmp_path / "x"), results=str(tmp_path / "other.json"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_refuses_a_checkpoint_that_does_not_fit_its_adapter(fitted, tmp_path):
@@ -154,6 +184,9 @@ def test_processor_refuses_beam_search_and_unmasked_left_padding(fitted, tmp_pat
         base.generate(**inputs, logits_processor=[ipa.reset(inputs["attention_mask"])], num_beams=2, do_sample=False, max_new_tokens=4)
     with pytest.raises(ValueError, match="look left-padded"):
         base.generate(**inputs, logits_processor=[ipa.reset()], generation_config=ipa.generation_config)
+    padded = tokenizer(PROMPTS, return_tensors="pt", padding="max_length", max_length=16)  # every row starts with the dedicated pad
+    with pytest.raises(ValueError, match="look left-padded"):
+        base.generate(**padded, logits_processor=[ipa.reset()], generation_config=ipa.generation_config)
 
 
 def test_the_readme_example_runs_as_written(fitted, tmp_path):

@@ -309,3 +309,56 @@ def test_static_kv_caches_draw_what_dynamic_ones_draw(family, zoo):
     eager, static = (policy.sample(prompts, torch.Generator().manual_seed(1), samples_per_prompt=2) for policy in policies)
     assert torch.equal(eager.response_ids, static.response_ids) and torch.equal(eager.response_mask, static.response_mask)
     assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-4) and torch.allclose(eager.kl, static.kl, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, config", [
+    ("gemma2", {"final_logit_softcapping": 2.0}),  # Gemma 2: cap · tanh(logits / cap)
+    ("cohere", {"logit_scale": 0.25}),  # Cohere: logits × logit_scale
+    ("granite", {"logits_scaling": 4.0}),  # Granite: logits ÷ logits_scaling
+])
+def test_the_base_distribution_is_the_families_own_forward_scalings_included(tmp_path, family, config):
+    """``LocalBase`` reads the base's log-probs from its body and head: a family whose forward scales the head's logits
+    (softcapping, a logit scale) gets them scaled as its own forward does; sampling then draws what HF generate draws."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from tests.conftest import train_tokenizer
+
+    tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
+    name = {"gemma2": "Gemma2", "cohere": "Cohere", "granite": "Granite"}[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    base = LocalBase(str(tmp_path / family), dtype="float32")
+    prompts = base.encode(PROMPTS)
+    ours, _ = base(prompts.ids, prompts.mask, (prompts.mask.cumsum(-1) - 1).clamp(min=0))
+    reference = model(input_ids=prompts.ids, attention_mask=prompts.mask).logits[:, -1].log_softmax(-1)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    policy = TailoredPolicy(base, None, sampling=Sampling(max_new_tokens=6, top_p=0.9))
+    config = GenerationConfig(do_sample=True, top_k=0, top_p=0.9, max_new_tokens=6, eos_token_id=base.stop_ids, pad_token_id=policy.pad_id)
+    for seed in range(3):
+        drawn = policy.generate(prompts, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        theirs = model.generate(input_ids=prompts.ids, attention_mask=prompts.mask, generation_config=config)[:, prompts.ids.shape[1]:]
+        assert torch.equal(theirs, drawn.response_ids.masked_fill(drawn.response_mask == 0, policy.pad_id)[:, : theirs.shape[1]])
+
+
+def test_a_family_whose_logits_are_made_otherwise_is_refused_at_load(tmp_path):
+    """A forward that scales its logits in a way ``output_logits`` does not know (here: a Llama whose config claims
+    Granite's ``logits_scaling``, which Llama's forward ignores) is refused when the base loads, not sampled wrongly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import train_tokenizer
+
+    tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 eos_token_id=tokenizer.eos_token_id, logits_scaling=8.0)).save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    with pytest.raises(ValueError, match=r"llama: the model's forward turns its last hidden state into logits otherwise"):
+        LocalBase(str(tmp_path / "odd"), dtype="float32")
