@@ -2,7 +2,7 @@
 
 The folder holds the adapter as a causal LM of its family (``config.json``, ``model.safetensors``: ``from_pretrained``
 reads it), the base's tokenizer, a ``generation_config.json`` with the decoding settings of the run, ``ipa_adapter.json``
-(α, the tokens never sampled, the control code's mode) and a model card (``README.md``: base, α, reward, algorithm, the
+(α, the policy's bans and ``min_new_tokens``, the base's top-k support, the control code's mode) and a model card (``README.md``: base, α, reward, algorithm, the
 run's test metrics). ``AdapterLogitsProcessor.from_pretrained(folder)`` applies it inside the base's ``generate``.
 """
 
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from .adapters import Adapter, AdapterConfig, ProjectedHead
 from .algorithms import RLOO
 from .bases import LocalBase
-from .io import write_dir_atomic, write_text_atomic
+from .io import write_dir_atomic
 from .policy import Sampling, TailoredPolicy
 from .processor import ADAPTER_FILE, CONTROL_FILE
 from .remote import RemoteBase
@@ -92,8 +92,8 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
     def write_extras(folder: Path) -> None:
         base.tokenizer.save_pretrained(folder)
         generation.save_pretrained(folder)
-        write_text_atomic(folder / ADAPTER_FILE, json.dumps(meta, indent=2) + "\n")
-        write_text_atomic(folder / "README.md", card)
+        (folder / ADAPTER_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # the folder is renamed into place whole
+        (folder / "README.md").write_text(card)
         if adapter.controls is not None:
             from safetensors.torch import save_file
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor
 
-from .adapters import Adapter, ControlMode
+from .adapters import Adapter
 from .bases import top_k_only
 from .policy import product_of_experts
 from .types import position_ids
@@ -44,15 +44,15 @@ class AdapterLogitsProcessor(LogitsProcessor):
         out = base.generate(**inputs, logits_processor=[ipa.reset(inputs["attention_mask"])], generation_config=ipa.generation_config)
     """
 
-    def __init__(self, adapter: Adapter, alpha: float = 1.0, vocab_size: Optional[int] = None, never_sampled: Sequence[int] = (),
+    def __init__(self, adapter: Adapter, vocab_size: int, alpha: float = 1.0, never_sampled: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), min_new_tokens: int = 0, base_top_k: Optional[int] = None,
                  generation_config: Optional[GenerationConfig] = None):
         """
         Args:
             adapter: The adapter (``Adapter``: body, head, control code if any).
+            vocab_size: V, the base's vocabulary.
             alpha: Its weight α in log_softmax(base) + α·adapter (0: the base alone, under the same bans; the adapter
                 does not run).
-            vocab_size: V (None: the adapter head's output size).
             never_sampled: Token ids the policy never samples (``TailoredPolicy.never_sampled``).
             stop_ids: The tokens that end a response, banned before ``min_new_tokens`` (``TailoredPolicy.stops``).
             min_new_tokens: Stop tokens are impossible before this many new tokens (``Sampling.min_new_tokens``).
@@ -61,7 +61,6 @@ class AdapterLogitsProcessor(LogitsProcessor):
         """
         self.adapter = adapter.eval()
         self.alpha = alpha
-        vocab_size = vocab_size or adapter.head(torch.zeros(1, adapter.hidden_size, dtype=adapter.body.dtype, device=adapter.body.device)).shape[-1]
         self.never_sampled = torch.zeros(vocab_size, dtype=torch.bool)
         self.never_sampled[list(never_sampled)] = True
         self.stops = torch.zeros(vocab_size, dtype=torch.bool)
@@ -96,12 +95,8 @@ class AdapterLogitsProcessor(LogitsProcessor):
             adapter.controls = nn.Embedding.from_pretrained(load_file(folder / CONTROL_FILE)["control"][None], freeze=True)
             adapter.control_mode = meta["control"]
         adapter.to(device or "cpu")
-        return cls(adapter, meta["alpha"] if alpha is None else alpha, meta["vocab_size"], meta["never_sampled"], meta["stop_ids"],
+        return cls(adapter, meta["vocab_size"], meta["alpha"] if alpha is None else alpha, meta["never_sampled"], meta["stop_ids"],
                    meta["min_new_tokens"], meta["base_top_k"], GenerationConfig.from_pretrained(folder))
-
-    @property
-    def control_mode(self) -> Optional[ControlMode]:
-        return None if self.adapter.controls is None else self.adapter.control_mode
 
     def reset(self, attention_mask: Optional[Tensor] = None) -> "AdapterLogitsProcessor":
         """Start afresh for a new ``generate`` call; ``attention_mask`` [B, P]: the prompts' (left padding), None: unpadded.
