@@ -50,6 +50,11 @@ class QuietLightning(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(QuietLightning())
 DEFAULT_CONFIG = CONF / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DESCRIPTION = (
+    "Inference-time Policy Adapters: fit an adapter to a reward, validate/test/predict with it (given no --config: "
+    "conf/quickstart.yaml). Two more: `distill --config conf/blackbox/distill.yaml` (a local proxy of an API base) and "
+    "`export --ckpt_path CKPT --output DIR` (the adapter as a folder for transformers' generate); each takes --help."
+)
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -336,7 +341,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> Optional[IPACLI]
 
         from .export import export_adapter
 
-        CLI(export_adapter, args=given[1:], as_positional=False)
+        CLI(export_adapter, args=given[1:], as_positional=False, prog="python -m lightning_ipa export")
         return None
     distill = bool(given) and given[0] == "distill"
     given = ["fit", *given[1:]] if distill else given
@@ -351,7 +356,8 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> Optional[IPACLI]
             PromptDataModule,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
-            parser_kwargs={"parser_mode": "omegaconf", **({} if distill else default_config(given))},
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lightning_ipa", "description": DESCRIPTION,
+                           **({} if distill else default_config(given))},
             # fit's configuration is the run's config.yaml; the other subcommands' sit beside their results
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml"},
             auto_configure_optimizers=False,  # the module builds its own (two learning rates, model.lr_scheduler)

@@ -142,9 +142,14 @@ def test_a_sampled_kl_estimator_with_filtered_rollouts_is_refused(tiny_llama, tm
 def test_help_shows_documented_knobs():
     out = subprocess.run([sys.executable, "-m", "lightning_ipa", "fit", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    for knob in ["--model.adapter.num_layers", "Keep only the first k transformer layers", "--model.sampling.top_p", "--model.alpha"]:
+    for knob in ["--model.adapter.num_layers", "Keep only the first k transformer layers", "--model.sampling.top_p", "--model.alpha",
+                 "--model.compare", "Training-free policies that ``test`` measures"]:
         assert knob in out.stdout, knob
     assert DEFAULT_CONFIG.is_file()
+    top = subprocess.run([sys.executable, "-m", "lightning_ipa", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert top.stdout.startswith("usage: python -m lightning_ipa ") and "`distill" in top.stdout and "`export" in top.stdout
+    export = subprocess.run([sys.executable, "-m", "lightning_ipa", "export", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert export.stdout.startswith("usage: python -m lightning_ipa export ") and "--ckpt_path CKPT_PATH" in export.stdout
 
 
 def with_algorithm(name: str) -> list[str]:
