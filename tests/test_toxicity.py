@@ -303,6 +303,13 @@ def serve_paper_models(tmp_path: Path, tokenizer) -> dict[str, str]:
     return {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(torch_home)}
 
 
+def printed_facts(script: str, cwd: Path, env: dict[str, str]) -> dict:
+    """Run ``script`` in a fresh Python (in ``cwd``, with ``env``) and read the JSON it prints last."""
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_path):
     """conf/toxicity.yaml as is; the hub and Detoxify's download replaced by tiny models already in their caches."""
     env = serve_paper_models(tmp_path, train_tokenizer(300, ["<eos>", "<pad>"]))
@@ -315,9 +322,7 @@ def test_paper_config_instantiates_with_downloads_served_from_local_caches(tmp_p
         " 'k': m.evaluation.samples_per_prompt, 'algorithm': type(m.algorithm).__name__, 'kl': round(float(m.algorithm.kl_loss_coef), 6),"
         " 'source': d.hparams.source, 'batch': d.hparams.batch_size, 'top_p': m.hparams.rollout_top_p, 'lr': m.hparams.lr}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    facts = printed_facts(script, ROOT, env)
     assert (facts["base"], facts["base_layers"], facts["adapter_layers"]) == ("gpt2-large", 3, 2)  # adapter: all of "gpt2"
     assert facts["reward"] == "DetoxifyReward" and facts["heads"] == 0 and facts["fluency"] == 1
     assert (facts["k"], facts["algorithm"], facts["kl"], facts["top_p"], facts["lr"]) == (25, "Quark", 0.05, 1.0, 1e-5)
@@ -341,9 +346,7 @@ def test_compare_config_instantiates_dexperts_and_proxy_tuning_with_the_publishe
         " 'compare': [[type(c).__name__, c.paths, [m.lm.config.n_layer for m in c.models], c.weights, c.filter_p, c.top_p] for c in m.compare],"
         " 'readers': m.policy.readers}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    facts = printed_facts(script, work, env)
     assert facts["policies"] == ["base", "tailored", "dexperts", "proxy_tuning"] and facts["base"] == "gpt2-large"
     expert = "models/experts/toxicity/{}/finetuned_gpt2_{}"
     assert facts["compare"] == [
