@@ -9,7 +9,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained
+from .bases import DType, LocalBase, load_causal_lm, load_tokenizer, max_positions, resolve_pretrained, scale_logits, scales_logits
 from .remote import RemoteBase
 
 ControlMode = Literal["prefix", "every_token"]
@@ -98,8 +98,9 @@ class Adapter(nn.Module):
         body = lm.base_model
         body.get_input_embeddings().requires_grad_(config.train_embeddings)
         hidden, dtype = pretrained_head.in_features, pretrained_head.weight.dtype
-        if config.head == "pretrained":
+        if config.head == "pretrained":  # the checkpoint's distribution, its family's scaling of the logits included
             head = pretrained_head.requires_grad_(True)
+            head = ScaledHead(head, lm.config) if scales_logits(lm.config) else head
         elif config.head == "projection":
             head = ProjectedHead(pretrained_head, frozen_dtype=base.dtype)
         else:
@@ -139,6 +140,19 @@ class Adapter(nn.Module):
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state[:, 1:] if first_call else out.last_hidden_state
         return hidden, out.cache
+
+
+class ScaledHead(nn.Module):
+    """A pretrained LM head followed by what its family's forward does to the logits (``bases.scale_logits``: Gemma 2/3
+    softcapping, Cohere's and Granite's scales), so that a 'pretrained' head gives the checkpoint's own distribution."""
+
+    def __init__(self, linear: nn.Linear, config):
+        super().__init__()
+        self.linear = linear
+        self.config = config
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return scale_logits(self.config, self.linear(hidden))
 
 
 class ProjectedHead(nn.Module):

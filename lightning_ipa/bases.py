@@ -252,12 +252,14 @@ def top_k_only(logprobs: Tensor, k: Optional[int]) -> Tensor:
     return torch.full_like(logprobs, float("-inf")).scatter(-1, indices, values)
 
 
-def output_logits(lm: nn.Module, hidden: Tensor) -> Tensor:
-    """The logits [..., V] a causal LM's own forward gives for its last hidden states [..., H]: its output head, then what
-    its family's forward does after it (transformers' modeling code): Gemma 2/3's ``final_logit_softcapping``
-    (cap·tanh(logits / cap)), Cohere's ``logit_scale`` (× scale), Granite's ``logits_scaling`` (÷ scaling)."""
-    logits = lm.get_output_embeddings()(hidden)
-    config = lm.config.get_text_config()
+LOGIT_SCALINGS = ("logit_scale", "logits_scaling", "final_logit_softcapping")  # config fields ``scale_logits`` applies
+
+
+def scale_logits(config: PreTrainedConfig, logits: Tensor) -> Tensor:
+    """What a family's forward does to its output head's logits [..., V] (transformers' modeling code): Cohere's
+    ``logit_scale`` (× scale), Granite's ``logits_scaling`` (÷ scaling), Gemma 2/3's ``final_logit_softcapping``
+    (cap·tanh(logits / cap)); unchanged for a config without them (``LOGIT_SCALINGS``)."""
+    config = config.get_text_config()
     if (scale := getattr(config, "logit_scale", None)) is not None and isinstance(scale, (int, float)):
         logits = logits * scale
     if (scaling := getattr(config, "logits_scaling", None)) is not None:
@@ -265,6 +267,17 @@ def output_logits(lm: nn.Module, hidden: Tensor) -> Tensor:
     if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def scales_logits(config: PreTrainedConfig) -> bool:
+    """Whether ``scale_logits`` changes anything for this config."""
+    return scale_logits(config, torch.ones(1)).item() != 1.0
+
+
+def output_logits(lm: nn.Module, hidden: Tensor) -> Tensor:
+    """The logits [..., V] a causal LM's own forward gives for its last hidden states [..., H]: its output head, then
+    ``scale_logits``."""
+    return scale_logits(lm.config, lm.get_output_embeddings()(hidden))
 
 
 @torch.no_grad()

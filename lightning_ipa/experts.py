@@ -13,9 +13,10 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bases import BaseDType, LocalBase
+from .bases import BaseDType, LocalBase, prompt_lengths
 from .frozen import Frozen
 from .policy import Sampling, TailoredPolicy, truncate
 from .remote import RemoteBase
@@ -73,33 +74,44 @@ class LogitArithmetic(Frozen):
 
     @property
     def max_positions(self) -> Optional[int]:
-        """The smallest context window of its models (None: none known)."""
-        windows = [m.max_positions for m in self.models if m.max_positions is not None]
+        """The most tokens of the base's prompt + response its models read (None: none known): the smallest context
+        window, less the tokens a chat template adds around a prompt for a model that reads one (``Combined`` checks
+        the exact count of each prompt)."""
+        windows = [m.max_positions - (prompt_lengths(m.tokenizer, [""], True, m.system_prompt)[0] if m.chat_template else 0)
+                   for m in self.models if m.max_positions is not None]
         return min(windows) if windows else None
 
     def check(self, base: LocalBase | RemoteBase) -> None:
         """Refuse, before any work, models whose vocabulary is not the base's.
 
         Raises:
-            ValueError: a model whose tokenizer differs from the base's, or whose output head predicts fewer tokens.
+            ValueError: a model whose tokenizer differs from the base's (heads padded to other sizes past the tokenizer
+                are fine), or a model given its chat template over a base that already reads its prompts through one.
         """
         for path, model in zip([p for p in self.paths if p is not None], self.models):
-            if model.tokenizer.get_vocab() != base.tokenizer.get_vocab() or model.vocab_size < base.vocab_size:
+            if model.tokenizer.get_vocab() != base.tokenizer.get_vocab() or len(base.tokenizer) > model.vocab_size:
                 raise ValueError(
                     f"compare {self.name!r}: {path} ({len(model.tokenizer)} tokens, head of {model.vocab_size}) does not share the "
                     f"base's vocabulary ({len(base.tokenizer)} tokens, head of {base.vocab_size}, {base.path or 'remote'}): "
                     "logit arithmetic adds log-probs token by token, so every model needs the base's tokenizer"
                 )
+            if model.chat_template and base.chat_template:
+                raise ValueError(f"compare {self.name!r}: {path} is to read each prompt through its chat template, but the base "
+                                 "already does (model.base.chat_template): it reads the base's tokens as they are; drop its chat template")
 
     def policy(self, base: LocalBase | RemoteBase, sampling: Sampling) -> TailoredPolicy:
         """This policy as a ``TailoredPolicy`` without an adapter over ``base`` (its lockstep sampler, its ``generate``),
         with the evaluation's ``sampling`` (its own ``top_p``, if set), on the base's device."""
         sampling = sampling if self.top_p is None else replace(sampling, top_p=self.top_p)
         device = next(itertools.chain(base.parameters(), base.buffers())).device
-        return TailoredPolicy(Combined(base, self, sampling.min_new_tokens), None, sampling=sampling).to(device)
+        return TailoredPolicy(Combined(base, self, sampling), None, sampling=sampling).to(device)
 
-    def combine(self, base_logprobs: Tensor, logprobs: list[Optional[Tensor]]) -> Tensor:
-        """The policy's log-probs [..., V] from the base's [..., V] and each model's ([..., ≥V]; None: the base's)."""
+    def combine(self, base_logprobs: Tensor, logprobs: list[Tensor]) -> Tensor:
+        """The policy's log-probs [..., V] from the base's [..., V] and each model's term ([..., V'], in ``weights``'
+        order; the base's own log-probs for a model None). Tokens outside the base's support (or nucleus) stay at −inf
+        whatever the terms add there (a negative weight on a −inf term would give +inf); a head wider than the base's is
+        read on the base's ids; the ids a narrower one lacks (the base's head padded past its tokenizer: no token) get
+        −inf, so that no model is ever fed an id it cannot read."""
         scores = base_logprobs
         if self.filter_p < 1:
             flat = base_logprobs.reshape(-1, base_logprobs.shape[-1])
@@ -108,7 +120,8 @@ class LogitArithmetic(Frozen):
             scores = flat.masked_fill(~mask, float("-inf")).view_as(base_logprobs)
         vocab = base_logprobs.shape[-1]
         for weight, lp in zip(self.weights, logprobs):
-            scores = scores + weight * (base_logprobs if lp is None else lp[..., :vocab])
+            lp = lp[..., :vocab] if lp.shape[-1] >= vocab else F.pad(lp, (0, vocab - lp.shape[-1]), value=float("-inf"))
+            scores = (scores + weight * lp).masked_fill((scores == float("-inf")) | (lp == float("-inf")), float("-inf"))
         return scores.log_softmax(-1)
 
 
@@ -182,9 +195,9 @@ class Combined(Frozen):
     Before ``min_new_tokens`` the base's stop tokens are banned before its nucleus is taken (a base sure to stop would
     otherwise leave a nucleus of stop tokens only), as the policy bans them before it samples."""
 
-    def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic, min_new_tokens: int = 1):
+    def __init__(self, base: LocalBase | RemoteBase, arithmetic: LogitArithmetic, sampling: Sampling):
         super().__init__()
-        self.base, self.arithmetic, self.min_new_tokens = base, arithmetic, min_new_tokens
+        self.base, self.arithmetic, self.sampling = base, arithmetic, sampling
         stops = torch.zeros(base.vocab_size, dtype=torch.bool)
         stops[base.stop_ids] = True
         self.register_buffer("stops", stops, persistent=False)
@@ -226,21 +239,39 @@ class Combined(Frozen):
         models, first = self._models(), cache is None
         cache = Caches([None] * (1 + len(models))) if first else cache
         base_logprobs, base_cache = self.base(ids, mask, positions, cache[0])
-        if cache.step < self.min_new_tokens:  # no stop yet: banned (where the base's support has another token) and renormalised
+        nucleus_of = base_logprobs
+        if cache.step < self.sampling.min_new_tokens:  # no stop yet: banned (where the support has another token), renormalised
             banned = self.stops & (base_logprobs.masked_fill(self.stops, float("-inf")) > float("-inf")).any(-1, keepdim=True)
-            base_logprobs = base_logprobs.masked_fill(banned, float("-inf")).log_softmax(-1)
+            nucleus_of = base_logprobs.masked_fill(banned, float("-inf")).log_softmax(-1)
         logprobs, caches = [], Caches([base_cache], cache.prompts, cache.step + 1)
         for i, (model, model_cache) in enumerate(zip(models, cache[1:])):
             own_ids, own_mask, own_positions = ids, mask, positions
             if model is not None and model.chat_template and first:
                 texts = [self.tokenizer.decode(row[real.bool()], skip_special_tokens=True) for row, real in zip(ids, mask)]
                 own_ids, own_mask = model.encode(texts)
+                self.check_window(model, own_mask, texts)
                 own_positions = position_ids(own_mask)
                 caches.prompts[i] = (own_mask, own_positions[:, -1] - positions[:, -1], ids.shape[1])
             elif model is not None and model.chat_template:
                 prompt_mask, offset, width = cache.prompts[i]
                 own_mask, own_positions = torch.cat([prompt_mask, mask[:, width:]], dim=1), positions + offset[:, None]
-            lp, model_cache = (None, None) if model is None else model(own_ids, own_mask, own_positions, model_cache)
+            lp, model_cache = (base_logprobs, None) if model is None else model(own_ids, own_mask, own_positions, model_cache)
             logprobs.append(lp)
             caches.append(model_cache)
-        return self.arithmetic.combine(base_logprobs, logprobs), caches
+        return self.arithmetic.combine(nucleus_of, logprobs), caches
+
+    def check_window(self, model: LocalBase, mask: Tensor, texts: list[str]) -> None:
+        """Refuse prompts that, in ``model``'s chat format, leave no room in its window for ``max_new_tokens``.
+
+        Raises:
+            ValueError: naming the longest such prompt, its tokens and the window.
+        """
+        lengths = mask.sum(-1).tolist()
+        longest = max(range(len(texts)), key=lambda i: lengths[i])
+        if model.max_positions is not None and lengths[longest] + self.sampling.max_new_tokens > model.max_positions:
+            raise ValueError(
+                f"compare {self.arithmetic.name!r}: a prompt ({texts[longest][:60]!r}) takes {lengths[longest]} tokens in the chat "
+                f"format of {model.path}, which leaves less than max_new_tokens={self.sampling.max_new_tokens} of its "
+                f"{model.max_positions}-token window: shorten the prompts (--model.sampling.long_prompts=cut_left cuts to "
+                "LogitArithmetic.max_positions, which allows for the template's own tokens)"
+            )

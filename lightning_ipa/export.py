@@ -19,9 +19,9 @@ from lightning.pytorch.cli import instantiate_class
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .adapters import Adapter, AdapterConfig, ProjectedHead
+from .adapters import Adapter, AdapterConfig, ProjectedHead, ScaledHead
 from .algorithms import RLOO
-from .bases import LocalBase
+from .bases import LOGIT_SCALINGS, LocalBase, read_generation_config, resolve_pretrained
 from .io import write_dir_atomic
 from .policy import Sampling, TailoredPolicy
 from .processor import ADAPTER_FILE, CONTROL_FILE
@@ -59,9 +59,7 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
         raise SystemExit(f"--ckpt_path {ckpt_path}: no such file; pass a checkpoint written by fit (a run's checkpoints/last.ckpt)")
     if target.is_file():
         raise SystemExit(f"--output {output} is a file: give a folder to write the adapter into")
-    holds = [what for what, path in (("the checkpoint", ckpt.resolve()), ("the working directory", Path.cwd())) if path == target or target in path.parents]
-    if holds:
-        raise SystemExit(f"--output {output} holds {holds[0]}, which writing the folder would replace: choose a new folder")
+    refuse_holding(target, output, [("the checkpoint", ckpt.resolve()), ("the working directory", Path.cwd())])
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise SystemExit(f"--output {output} exists: choose another folder, or pass --overwrite true to replace it")
     if results and not Path(results).is_file():
@@ -72,7 +70,10 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
         raise SystemExit(f"{ckpt_path} holds no base configuration (a checkpoint of `python -m lightning_ipa fit` does): "
                          "export needs the base it was trained with")
     base = instantiate_class((), hparams["base"])
-    adapter = Adapter.build(AdapterConfig(**hparams.get("adapter") or {}), base)
+    adapter_config = AdapterConfig(**hparams.get("adapter") or {})
+    local = [("the base's weights", base.path), ("the adapter's checkpoint", adapter_config.name_or_path and resolve_pretrained(adapter_config.name_or_path))]
+    refuse_holding(target, output, [(what, Path(path).resolve()) for what, path in local if path and Path(path).exists()])
+    adapter = Adapter.build(adapter_config, base)
     algorithm = instantiate_class((), hparams["algorithm"]) if hparams.get("algorithm") else RLOO()
     algorithm.setup(adapter)  # Quark's control codes
     load_adapter_state(adapter, checkpoint["state_dict"], ckpt_path)
@@ -104,6 +105,16 @@ def export_adapter(ckpt_path: str, output: str, results: Optional[str] = None, o
     return target
 
 
+def refuse_holding(target: Path, output: str, paths: list[tuple[str, Path]]) -> None:
+    """Refuse an output folder that is, or holds, one of ``paths`` (by what it is): writing it would replace them.
+
+    Raises:
+        SystemExit: naming the first one held."""
+    held = [what for what, path in paths if path == target or target in path.parents]
+    if held:
+        raise SystemExit(f"--output {output} holds {held[0]}, which writing the folder would replace: choose a new folder")
+
+
 def load_adapter_state(adapter: Adapter, state_dict: dict[str, Any], where: str) -> None:
     """Load a checkpoint's trained adapter tensors (``policy.adapter.*``) into ``adapter``.
 
@@ -122,10 +133,15 @@ def load_adapter_state(adapter: Adapter, state_dict: dict[str, Any], where: str)
 
 
 def adapter_model(adapter: Adapter) -> PreTrainedModel:
-    """The adapter as a causal LM of its family: its body's config, its layers and an output head of V×H.
+    """The adapter as a causal LM of its family, whose own forward gives the adapter's logits: its body's config, its
+    layers and an output head of V×H.
 
-    A tied 'pretrained' head stays tied; any other head is written untied (``tie_word_embeddings=False``)."""
+    A tied 'pretrained' head stays tied; any other head is written untied (``tie_word_embeddings=False``). A 'pretrained'
+    head keeps its family's scaling of the logits (``ScaledHead``); the other heads never had it, so the config's
+    scalings (``LOGIT_SCALINGS``) are switched off."""
     head = adapter.head
+    scaled = isinstance(head, ScaledHead)
+    head = head.linear if scaled else head
     tied = isinstance(head, nn.Linear) and head.weight is adapter.body.get_input_embeddings().weight
     if isinstance(head, ProjectedHead):  # lm_head(P·h) = (W·P)·h
         weight = (head.lm_head.weight.double() @ head.projection.weight.double()).to(head.projection.weight.dtype)
@@ -133,6 +149,9 @@ def adapter_model(adapter: Adapter) -> PreTrainedModel:
         weight = head.weight
     config = adapter.body.config.__class__.from_dict(adapter.body.config.to_dict())
     config.tie_word_embeddings = tied
+    for field in LOGIT_SCALINGS if not scaled else ():
+        if getattr(config.get_text_config(), field, None) is not None:
+            setattr(config.get_text_config(), field, None if field == "final_logit_softcapping" else 1.0)
     model = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
     model.base_model.load_state_dict(adapter.body.state_dict())
     with torch.no_grad():
@@ -145,8 +164,11 @@ def adapter_model(adapter: Adapter) -> PreTrainedModel:
 NEUTRAL = {  # generate fills a field left None from the base's own generation_config.json: every other one that changes
     # the sampled distribution is set to what leaves it as it is
     "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "min_p": 0.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_length": 0, "suppress_tokens": [], "begin_suppress_tokens": [], "num_beams": 1,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "suppress_tokens": [], "begin_suppress_tokens": [], "num_beams": 1,
 }
+# fields with no neutral value but None, which generate would then take from the base's generation_config.json
+UNSET = ("bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+         "min_length", "top_h", "watermarking_config", "stop_strings", "prompt_lookup_num_tokens", "dola_layers", "assistant_model")
 
 
 def generation_config(policy: TailoredPolicy) -> GenerationConfig:
@@ -155,11 +177,17 @@ def generation_config(policy: TailoredPolicy) -> GenerationConfig:
     token, and every other field that changes the sampled distribution neutral (``NEUTRAL``). ``min_new_tokens`` is 0:
     ``AdapterLogitsProcessor`` bans the stop tokens itself, as the policy does (before a top-k base's support is taken).
 
-    Warns where ``generate`` cannot follow ``Sampling``: ``min_tokens_to_keep`` above 1 (transformers keeps 1 when sampling)."""
+    Warns where ``generate`` cannot follow ``Sampling``: ``min_tokens_to_keep`` above 1 (transformers keeps 1 when
+    sampling), and a base whose own ``generation_config.json`` sets a field that has no neutral value (``UNSET``)."""
     s = policy.sampling
     if s.min_tokens_to_keep > 1:
         warnings.warn(f"sampling.min_tokens_to_keep={s.min_tokens_to_keep}: transformers' generate keeps at least 1 token when it "
                       "samples, so top-k/top-p there can keep fewer tokens than the policy did", stacklevel=2)
+    own = read_generation_config(policy.base.path) if policy.base.path else None
+    if own is not None and (set_there := [f for f in UNSET if getattr(own, f, None) not in (None, 0, [], {})]):
+        warnings.warn(f"the base's generation_config.json sets {set_there}, which generate applies whatever the exported "
+                      "generation_config says (it has no neutral value to override them with): reset them before generate, "
+                      "e.g. base.generation_config = GenerationConfig(), for the policy's draws", stacklevel=2)
     return GenerationConfig(
         do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
         min_new_tokens=0, eos_token_id=list(policy.base.stop_ids), pad_token_id=policy.pad_id, **NEUTRAL,
@@ -206,8 +234,9 @@ def model_card(hparams: dict[str, Any], checkpoint: dict[str, Any], ckpt: Path, 
         where = "" if base.path == name else f"  # {name}, as converted for training"
         load = [f"base = AutoModelForCausalLM.from_pretrained({base.path!r}){where}"]
     prompts = "['Your prompt']"
-    if base.chat_template:
-        prompts = "[tokenizer.apply_chat_template([{'role': 'user', 'content': 'Your prompt'}], tokenize=False, add_generation_prompt=True)]"
+    if base.chat_template:  # the turns the base read in training: the system prompt's, if any, then the user's
+        system = f"{{'role': 'system', 'content': {base.system_prompt!r}}}, " if base.system_prompt else ""
+        prompts = f"[tokenizer.apply_chat_template([{system}{{'role': 'user', 'content': 'Your prompt'}}], tokenize=False, add_generation_prompt=True)]"
     lines = [
         "---", "library_name: transformers", f"base_model: {name}", "tags: [lightning_ipa, inference-time-policy-adapter]", "---", "",
         f"# IPA adapter for `{name}`", "",

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor
 
-from .adapters import Adapter
-from .bases import top_k_only
+from .adapters import Adapter, ScaledHead
+from .bases import scales_logits, top_k_only
 from .policy import product_of_experts
 from .types import position_ids
 
@@ -88,7 +88,9 @@ class AdapterLogitsProcessor(LogitsProcessor):
             raise FileNotFoundError(f"{folder} has no {ADAPTER_FILE}: not an adapter written by `python -m lightning_ipa export`")
         meta = json.loads((folder / ADAPTER_FILE).read_text())
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).requires_grad_(False).eval()
-        adapter = Adapter(lm.base_model, lm.get_output_embeddings(), lm.get_output_embeddings().in_features)
+        head = lm.get_output_embeddings()
+        scaled = scales_logits(lm.config)  # a 'pretrained' head of a family that scales its logits (export switched others off)
+        adapter = Adapter(lm.base_model, ScaledHead(head, lm.config) if scaled else head, head.in_features)
         if meta.get("control") is not None:
             from safetensors.torch import load_file
 
@@ -103,7 +105,7 @@ class AdapterLogitsProcessor(LogitsProcessor):
 
         Returns itself, to be passed as ``logits_processor=[processor.reset(mask)]``."""
         self.prompt_mask = attention_mask
-        self.cache, self.mask, self.seen, self.step = None, None, None, 0
+        self.cache, self.mask, self.seen, self.step, self.prompt_length = None, None, None, 0, 0
         return self
 
     @torch.no_grad()
@@ -116,8 +118,9 @@ class AdapterLogitsProcessor(LogitsProcessor):
         """
         device = self.adapter.body.device
         if self.seen is None or input_ids.shape[1] != self.seen.shape[1] + 1:  # the first step: read the prompts
+            self._refuse_continuing(input_ids)
             ids, mask = input_ids.to(device), self._prompt_mask(input_ids).to(device)
-            positions, self.cache, self.step = position_ids(mask), None, 0
+            positions, self.cache, self.step, self.prompt_length = position_ids(mask), None, 0, input_ids.shape[1]
         else:
             if not torch.equal(input_ids[:, :-1], self.seen):
                 raise ValueError("the rows given to AdapterLogitsProcessor changed between steps: beam search (num_beams > 1) "
@@ -134,6 +137,20 @@ class AdapterLogitsProcessor(LogitsProcessor):
         never, stops = self.never_sampled.to(scores.device), self.stops.to(scores.device)
         early = torch.tensor(self.step < self.min_new_tokens, device=scores.device)
         return product_of_experts(base_logprobs, logits, self.alpha, never, stops, early, self.base_top_k is None)
+
+    def _refuse_continuing(self, input_ids: Tensor) -> None:
+        """Refuse rows that go on from the last call's by other than one token: several tokens per step or steps back
+        (assisted generation, prompt lookup), which the adapter's cache cannot follow.
+
+        Raises:
+            ValueError: the rows extend what was seen, past the prompts' length, by other than one token."""
+        if self.seen is None or len(input_ids) != len(self.seen) or input_ids.shape[1] <= self.prompt_length:
+            return
+        n = min(input_ids.shape[1], self.seen.shape[1])
+        if torch.equal(input_ids[:, :n], self.seen[:, :n]):
+            raise ValueError(f"generate gave AdapterLogitsProcessor rows of {input_ids.shape[1]} tokens after {self.seen.shape[1]}: "
+                             "assisted generation or prompt lookup (several tokens a step, or steps back), which the adapter's "
+                             "cache cannot follow; sample or search greedily one token a step, and call reset() before each generate call")
 
     def _prompt_mask(self, input_ids: Tensor) -> Tensor:
         """The prompts' attention mask [B, P]: ``reset``'s (repeated for ``num_return_sequences``), else all ones."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import save_tiny_llama
 from lightning_ipa import DExperts, LocalBase, ProxyTuning, Sampling, TailoredPolicy
@@ -183,3 +183,57 @@ def test_compare_policies_passed_as_objects_stay_out_of_checkpoints(models, tiny
     module.on_save_checkpoint(checkpoint)
     assert "compare" not in checkpoint["hyper_parameters"] and "base" not in checkpoint["hyper_parameters"]
     assert checkpoint["hyper_parameters"]["alpha"] == 1.0 and not any(k.startswith("compare.") for k in checkpoint["state_dict"])
+
+
+def test_a_missing_expert_is_the_base_and_never_gives_nan(models):
+    """DExperts' anti-only and expert-only variants reuse the base's own log-probs: with the early-stop ban on the base's
+    nucleus, −α · (−inf) must not reach the sum (it gave NaN at the first token). Both missing: α·(base − base) = 0, the
+    base's nucleus sampled whole, which is the base alone at top-p 0.9."""
+    base_path, expert, anti = models
+    base = LocalBase(base_path, dtype="float32")
+    sampling = Sampling(max_new_tokens=8, min_new_tokens=2, top_p=0.9)
+    alone = TailoredPolicy(base, None, sampling=sampling)
+    prompts = alone.encode(PROMPTS)
+    for policy in [DExperts(None, anti, dtype="float32"), DExperts(expert, None, dtype="float32"), DExperts(None, None, dtype="float32")]:
+        steered = policy.policy(base, sampling)
+        first, _ = steered.base(prompts.ids, prompts.mask, (prompts.mask.cumsum(-1) - 1).clamp(min=0))
+        assert not first.isnan().any() and (first.isfinite().sum(-1) > 0).all()
+        for seed in range(3):
+            drawn = steered.generate(prompts, torch.Generator().manual_seed(seed), samples_per_prompt=2)
+            assert (drawn.response_mask.sum(-1) >= 2).all()
+            if policy.paths == [None, None]:
+                assert torch.equal(drawn.response_ids, alone.generate(prompts, torch.Generator().manual_seed(seed), samples_per_prompt=2).response_ids)
+
+
+def test_a_chat_formatted_model_bounds_the_prompts_by_its_own_count(tmp_path):
+    """A tuned model reading the prompt in its chat format reads more tokens than the base: its window, less the
+    template's tokens, bounds the prompts (``max_positions``); a prompt that still overflows is refused by name."""
+    from model_families import save_tiny_qwen2
+
+    base_path, tuned = (str(save_tiny_qwen2(tmp_path / name, seed=seed, context=context)) for name, seed, context in [("base", 0, 256), ("tuned", 1, 48)])
+    base = LocalBase(base_path, dtype="float32")
+    proxy = ProxyTuning(tuned, tuned, dtype="float32", tuned_chat_template=True)
+    overhead = len(LocalBase(tuned, dtype="float32", chat_template=True).encode([""]).ids[0])
+    assert overhead > 2 and proxy.max_positions == min(48 - overhead, 48)
+    sampling = Sampling(max_new_tokens=8)
+    words = "the cat sleeps on the warm roof " * 6
+    with pytest.raises(ValueError, match=r"takes \d+ tokens in the chat format of .* leaves less than max_new_tokens=8 of its 48-token window"):
+        proxy.policy(base, sampling).generate(base.encode([words]), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="already does"):
+        ProxyTuning(tuned, tuned, dtype="float32", tuned_chat_template=True).check(LocalBase(base_path, dtype="float32", chat_template=True))
+
+
+def test_a_base_whose_head_is_padded_past_its_tokenizer_steers_with_narrower_models(models, tmp_path):
+    """Qwen2.5-7B's head has 152,064 rows, its 0.5B sibling's 151,936, one tokenizer: a model whose head lacks the base's
+    padding rows adds 0 there (those ids are no token)."""
+    base_path, expert, anti = models
+    wide = AutoModelForCausalLM.from_pretrained(base_path)
+    wide.resize_token_embeddings(wide.config.vocab_size + 8)
+    wide.save_pretrained(tmp_path / "wide")
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp_path / "wide")
+    base = LocalBase(str(tmp_path / "wide"), dtype="float32")
+    proxy = ProxyTuning(expert, anti, dtype="float32")
+    proxy.check(base)
+    policy = proxy.policy(base, Sampling(max_new_tokens=4))
+    drawn = policy.generate(policy.encode(PROMPTS), torch.Generator().manual_seed(0))
+    assert drawn.response_mask.sum() > 0

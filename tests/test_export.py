@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, train_tokenizer
 from model_families import save_tiny_qwen2
 from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredPolicy
 from lightning_ipa.algorithms import Quark
@@ -28,6 +28,21 @@ def save_soft_llama(path: Path, seed: int) -> str:
     with torch.no_grad():
         model.lm_head.weight.mul_(0.15)
     model.save_pretrained(path)
+    return str(path)
+
+
+def save_softcapped_gemma2(path: Path) -> str:
+    """A 2-layer Gemma 2 whose forward softcaps its logits at 2 (cap·tanh(logits / cap)): far from its head's raw logits."""
+    tokenizer = train_tokenizer(300, ["<eos>", "<pad>"])
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        final_logit_softcapping=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 
@@ -90,6 +105,8 @@ CASES = {
     "a base trained on its top-k support": ({"head": "projection"}, SAMPLING, None, {"top_k": 5}),
     "a base whose own generation config penalises repetition": ({"head": "zeros"}, SAMPLING, None, {"name_or_path": "penalised"}),
     "a Qwen2 base (per-layer types) and a 1-layer adapter": ({"head": "projection", "num_layers": 1}, SAMPLING, None, {"name_or_path": "qwen2"}),
+    "a Gemma 2 base (softcapped logits) and its pretrained head": ({"head": "pretrained", "num_layers": 1}, SAMPLING, None, {"name_or_path": "gemma2"}),
+    "a Gemma 2 base (softcapped logits) and a projection head": ({"head": "projection", "num_layers": 1}, SAMPLING, None, {"name_or_path": "gemma2"}),
     "zeros head, top-k 20 at temperature 1.5": ({"head": "zeros"}, {**SAMPLING, "top_k": 20, "temperature": 1.5, "top_p": 1.0}, None),
     "pretrained head of its own checkpoint": ({"head": "pretrained", "name_or_path": "other", "num_layers": None}, SAMPLING, None),
     "Quark's prefix control code": ({"head": "projection"}, SAMPLING, {"class_path": "lightning_ipa.algorithms.Quark", "init_args": {"quantiles": 3}}),
@@ -110,6 +127,8 @@ def test_exported_adapter_in_transformers_generate_draws_what_our_sampler_draws(
         base_args["name_or_path"] = str(tmp_path / "penalised")
     if base_args.get("name_or_path") == "qwen2":
         base_args["name_or_path"] = str(save_tiny_qwen2(tmp_path / "qwen2"))
+    if base_args.get("name_or_path") == "gemma2":
+        base_args["name_or_path"] = save_softcapped_gemma2(tmp_path / "gemma2")
     ckpt, policy = variant(fitted, case.split()[0], adapter, sampling, algorithm, base_args)
     folder = export_adapter(str(ckpt), str(tmp_path / "adapter"))
     base_path, pad = policy.base.path, policy.pad_id
@@ -187,6 +206,20 @@ def test_processor_refuses_beam_search_and_unmasked_left_padding(fitted, tmp_pat
     padded = tokenizer(PROMPTS, return_tensors="pt", padding="max_length", max_length=16)  # every row starts with the dedicated pad
     with pytest.raises(ValueError, match="look left-padded"):
         base.generate(**padded, logits_processor=[ipa.reset()], generation_config=ipa.generation_config)
+    one = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    with pytest.raises(ValueError, match="assisted generation or prompt lookup"):
+        base.generate(**one, logits_processor=[ipa.reset(one["attention_mask"])], prompt_lookup_num_tokens=2, do_sample=False, max_new_tokens=8)
+
+
+def test_export_refuses_to_replace_the_base_and_warns_of_generation_settings_it_cannot_override(fitted, tmp_path):
+    shutil.copytree(fitted[1], tmp_path / "base")
+    ckpt, policy = variant(fitted, "own", {"head": "projection"}, SAMPLING, base_args={"name_or_path": str(tmp_path / "base")})
+    with pytest.raises(SystemExit, match="holds the base's weights"):
+        export_adapter(str(ckpt), str(tmp_path), overwrite=True)
+    GenerationConfig(eos_token_id=0, bad_words_ids=[[5]], sequence_bias={(6,): 2.0}).save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match=r"sets \['bad_words_ids', 'sequence_bias'\].*base.generation_config = GenerationConfig\(\)"):
+        export_adapter(str(ckpt), str(tmp_path / "adapter"))
+    assert "min_length" not in json.loads((tmp_path / "adapter" / "generation_config.json").read_text())  # beside min_new_tokens it warns
 
 
 def test_the_readme_example_runs_as_written(fitted, tmp_path):
@@ -200,3 +233,32 @@ def test_the_readme_example_runs_as_written(fitted, tmp_path):
     exec(code.replace("adapters/toxicity", str(folder)).replace("gpt2-large", fitted[1]), namespace)
     prompts = namespace["inputs"]["input_ids"]
     assert namespace["out"].shape[0] == 2 and namespace["out"].shape[1] > prompts.shape[1]
+
+
+@pytest.mark.parametrize("head", ["pretrained", "projection"])
+def test_the_adapter_and_its_export_give_the_logits_of_their_families_forward(tmp_path, head):
+    """A 'pretrained' head is the checkpoint's own distribution, softcapping included (Gemma 2: cap·tanh(logits / cap));
+    the exported LM's own forward gives the adapter's logits for every head (a projection head never had the softcap,
+    so the exported config drops it)."""
+    from lightning_ipa.bases import load_causal_lm
+    from lightning_ipa.export import adapter_model
+
+    path = save_softcapped_gemma2(tmp_path / "gemma2")
+    base = LocalBase(path, dtype="float32")
+    adapter = Adapter.build(AdapterConfig(num_layers=1, head=head), base)
+    prompts = base.encode(PROMPTS)
+    positions = (prompts.mask.cumsum(-1) - 1).clamp(min=0)
+
+    def adapter_logits():
+        return adapter.head(adapter(prompts.ids, prompts.mask, positions)[0][:, -1])
+
+    if head == "pretrained":  # as loaded: the checkpoint's own forward
+        own = load_causal_lm(path, "float32", num_hidden_layers=1)(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions).logits[:, -1]
+        torch.testing.assert_close(adapter_logits(), own, atol=1e-5, rtol=1e-5)
+        assert own.abs().max() <= 2.0  # softcapped
+    with torch.no_grad():  # trained
+        for p in adapter.head.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    exported = adapter_model(adapter)(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(exported, adapter_logits(), atol=1e-5, rtol=1e-5)

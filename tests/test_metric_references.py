@@ -300,7 +300,7 @@ def test_test_results_write_each_metrics_convention(tmp_path):
     )
     trainer.callback_metrics["test/bleu/base"] = torch.tensor(float("nan"))  # undefined (e.g. no references)
     evaluation = SimpleNamespace(
-        generations=[{"prompt": "p"}], num_samples=lambda stage: 1,
+        generations=[{"prompt": "p"}], num_samples=lambda stage: 1, policies=lambda stage: ("base", "tailored"),
         stage_metrics=torch.nn.ModuleDict({f"test_{policy}": torch.nn.ModuleDict(metrics) for policy in ("base", "tailored")}),
     )
     module = SimpleNamespace(device=torch.device("cpu"), evaluation=evaluation)
