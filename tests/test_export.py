@@ -262,3 +262,20 @@ def test_the_adapter_and_its_export_give_the_logits_of_their_families_forward(tm
                 p.normal_(0, 0.3)
     exported = adapter_model(adapter)(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(exported, adapter_logits(), atol=1e-5, rtol=1e-5)
+
+
+def test_what_generate_cannot_follow_is_said_and_the_card_keeps_the_base_s_chat_turns(fitted, tmp_path):
+    """``min_tokens_to_keep`` above 1 (transformers keeps 1 when it samples) warns at export; the card's example renders
+    prompts with the system turn and chat template the base read in training."""
+    from model_families import save_tiny_llama as save_chat_llama
+
+    from lightning_ipa.export import generation_config, model_card
+
+    _, policy = variant(fitted, "keep", {"head": "projection"}, {**SAMPLING, "min_tokens_to_keep": 2})
+    with pytest.warns(UserWarning, match="min_tokens_to_keep=2: transformers' generate keeps at least 1 token"):
+        generation_config(policy)
+    chat = LocalBase(str(save_chat_llama(tmp_path / "chat")), dtype="float32", chat_template=True, system_prompt="Be kind.")
+    hparams = {"base": {"class_path": "lightning_ipa.LocalBase", "init_args": {"name_or_path": chat.path}}}
+    card = model_card(hparams, {}, tmp_path / "x.ckpt", chat, None, None)
+    assert "[{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Your prompt'}]" in card
+    assert "add_special_tokens=False" in card
