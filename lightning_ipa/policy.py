@@ -487,8 +487,9 @@ class TailoredPolicy(Frozen):
                  use_adapter: bool = True) -> Responses:
         """Responses to show or measure (evaluation, predict, distillation): from the policy ``sample`` draws from, tokens
         only, each drawn as transformers' ``generate`` draws (``Truncated.sample``): with a generator in the state
-        ``torch.manual_seed(s)`` leaves the global one, the base alone draws the tokens ``generate(do_sample=True)`` draws
-        after ``torch.manual_seed(s)``, and the tailored policy those of ``generate`` with ``AdapterLogitsProcessor``.
+        ``torch.manual_seed(s)`` leaves the global one, the tailored policy draws the tokens ``generate`` draws after
+        ``torch.manual_seed(s)`` with ``AdapterLogitsProcessor``, and the base alone those it draws with the processor at
+        α = 0 (the policy's bans: a dedicated padding token, stops before ``min_new_tokens``; float32, see README).
 
         Args:
             prompts: [N, P] left-padded (``encode``).
