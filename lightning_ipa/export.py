@@ -23,6 +23,7 @@ from .adapters import Adapter, AdapterConfig, ProjectedHead, ScaledHead
 from .algorithms import RLOO
 from .bases import LOGIT_SCALINGS, LocalBase, read_generation_config, resolve_pretrained
 from .io import write_dir_atomic
+from .module import fit_problems, trained_keys
 from .policy import Sampling, TailoredPolicy
 from .processor import ADAPTER_FILE, CONTROL_FILE
 from .remote import RemoteBase
@@ -122,12 +123,7 @@ def load_adapter_state(adapter: Adapter, state_dict: dict[str, Any], where: str)
         SystemExit: a trainable tensor the checkpoint lacks, one it has that the adapter does not, or another shape.
     """
     saved = {k.removeprefix(ADAPTER_PREFIX): v for k, v in state_dict.items() if k.startswith(ADAPTER_PREFIX)}
-    own = adapter.state_dict()
-    trainable = {name for name, p in adapter.named_parameters() if p.requires_grad}
-    problems = [f"not in the checkpoint: {sorted(trainable - set(saved))}"] if trainable - set(saved) else []
-    problems += [f"not in the configured adapter: {sorted(set(saved) - set(own))}"] if set(saved) - set(own) else []
-    problems += [f"{k}: {tuple(v.shape)} saved, {tuple(own[k].shape)} configured" for k, v in saved.items() if k in own and v.shape != own[k].shape]
-    if problems:
+    if problems := fit_problems(trained_keys(adapter), saved, adapter.state_dict()):  # as IPAModule.check_fits reads them
         raise SystemExit(f"{where}: its adapter tensors do not fit the adapter its configuration builds:\n  " + "\n  ".join(problems))
     adapter.load_state_dict(saved, strict=False)
 

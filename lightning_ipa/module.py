@@ -372,8 +372,7 @@ class IPAModule(LightningModule):
         """The ``state_dict`` keys a checkpoint holds: what training changes (the adapter's trainable weights, the
         algorithm's parameters, buffers and pool). The frozen rest (the base, the adapter's frozen layers, rewards and
         evaluation models) is rebuilt from its own weights at start-up."""
-        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return {k for k in self.state_dict() if k not in frozen and not k.startswith(FROZEN)}
+        return {k for k in trained_keys(self) if not k.startswith(FROZEN)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kept = self.checkpointed_keys()
@@ -400,22 +399,7 @@ class IPAModule(LightningModule):
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise ValueError naming the keys and shapes by which a checkpoint's ``state_dict`` and ``checkpointed_keys`` differ."""
-        expected, saved, own = self.checkpointed_keys(), set(state_dict), self.state_dict()
-
-        def listed(keys: set[str]) -> str:
-            keys_ = sorted(keys)
-            return ", ".join(keys_[:6]) + (f" and {len(keys_) - 6} more" if len(keys_) > 6 else "")
-
-        problems = []
-        if missing := expected - saved:
-            problems.append(f"configured but not in the checkpoint: {listed(missing)}")
-        if unexpected := saved - expected:
-            problems.append(f"in the checkpoint but not configured: {listed(unexpected)}")
-        problems += [
-            f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} configured"
-            for k, v in sorted(state_dict.items()) if k in own and torch.is_tensor(v) and torch.is_tensor(own[k]) and v.shape != own[k].shape
-        ]
-        if problems:
+        if problems := fit_problems(self.checkpointed_keys(), state_dict, self.state_dict()):
             path = Path(self._trainer.ckpt_path) if self._trainer is not None and self._trainer.ckpt_path else None
             config = path.parents[1] / "config.yaml" if path is not None and len(path.parents) > 1 else None
             hint = f"pass --config {config}" if config is not None and config.is_file() else "use the configuration it was trained with"
@@ -423,6 +407,31 @@ class IPAModule(LightningModule):
                 f"the checkpoint {path or ''} does not fit the configured model (adapter, algorithm):\n  " + "\n  ".join(problems)
                 + f"\nTo load it, {hint} (with your changes to decoding or evaluation after it)"
             )
+
+
+def trained_keys(module: nn.Module) -> set[str]:
+    """The ``state_dict`` keys of ``module`` that training may change: all but its frozen parameters'."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k for k in module.state_dict() if k not in frozen}
+
+
+def fit_problems(expected: set[str], state_dict: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """How a checkpoint's ``state_dict`` does not fit a module whose trained keys are ``expected`` and whose own
+    ``state_dict`` is ``own``: keys missing, keys not configured (each listed, the first 6), tensors of other shapes."""
+
+    def listed(keys: set[str]) -> str:
+        keys_ = sorted(keys)
+        return ", ".join(keys_[:6]) + (f" and {len(keys_) - 6} more" if len(keys_) > 6 else "")
+
+    problems, saved = [], set(state_dict)
+    if missing := expected - saved:
+        problems.append(f"configured but not in the checkpoint: {listed(missing)}")
+    if unexpected := saved - expected:
+        problems.append(f"in the checkpoint but not configured: {listed(unexpected)}")
+    return problems + [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} configured"
+        for k, v in sorted(state_dict.items()) if k in own and torch.is_tensor(v) and torch.is_tensor(own[k]) and v.shape != own[k].shape
+    ]
 
 
 def holds_module(value: Any) -> bool:

@@ -15,6 +15,7 @@ from lightning_ipa import Adapter, AdapterConfig, LocalBase, Sampling, TailoredP
 from lightning_ipa.algorithms import Quark
 from lightning_ipa.cli import main
 from lightning_ipa.export import export_adapter, load_adapter_state
+from lightning_ipa.module import trained_keys
 from lightning_ipa.processor import AdapterLogitsProcessor
 from test_cli import tiny_args
 
@@ -74,8 +75,12 @@ def variant(fitted, name: str, adapter: dict, sampling: dict, algorithm=None, ba
         hparams["algorithm"] = algorithm
         Quark(**algorithm["init_args"]).setup(built)
     generator = torch.Generator().manual_seed(1)
-    checkpoint["state_dict"] = {f"policy.adapter.{n}": torch.randn(p.shape, generator=generator) * 0.3
-                                for n, p in built.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in built.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    # what IPAModule checkpoints of the adapter: its trained keys, a tied head under both of its names
+    checkpoint["state_dict"] = {f"policy.adapter.{k}": v.clone() for k, v in built.state_dict().items() if k in trained_keys(built)}
     path = root / f"{name}.ckpt"
     torch.save(checkpoint, path)
     load_adapter_state(built, checkpoint["state_dict"], str(path))
@@ -187,7 +192,7 @@ def test_export_refuses_a_checkpoint_that_does_not_fit_its_adapter(fitted, tmp_p
     checkpoint = torch.load(fitted[3], weights_only=False)
     checkpoint["hyper_parameters"]["adapter"]["head"] = "zeros"  # the saved tensors are a projection's
     torch.save(checkpoint, tmp_path / "odd.ckpt")
-    with pytest.raises(SystemExit, match=r"not in the checkpoint: \['head.weight'\]"):
+    with pytest.raises(SystemExit, match=r"configured but not in the checkpoint: head.weight\n  in the checkpoint but not configured: head.projection.weight"):
         export_adapter(str(tmp_path / "odd.ckpt"), str(tmp_path / "adapter"))
     assert not (tmp_path / "adapter").exists()
 
