@@ -81,6 +81,11 @@ class LogitArithmetic(Frozen):
                    for m in self.models if m.max_positions is not None]
         return min(windows) if windows else None
 
+    def terms(self) -> list[Optional[LocalBase]]:
+        """Each term's model (None: the base itself), in ``weights``' order."""
+        models = iter(self.models)
+        return [None if path is None else next(models) for path in self.paths]
+
     def check(self, base: LocalBase | RemoteBase) -> None:
         """Refuse, before any work, models whose vocabulary is not the base's.
 
@@ -88,7 +93,9 @@ class LogitArithmetic(Frozen):
             ValueError: a model whose tokenizer differs from the base's (heads padded to other sizes past the tokenizer
                 are fine), or a model given its chat template over a base that already reads its prompts through one.
         """
-        for path, model in zip([p for p in self.paths if p is not None], self.models):
+        for path, model in zip(self.paths, self.terms()):
+            if model is None:
+                continue
             if model.tokenizer.get_vocab() != base.tokenizer.get_vocab() or len(base.tokenizer) > model.vocab_size:
                 raise ValueError(
                     f"compare {self.name!r}: {path} ({len(model.tokenizer)} tokens, head of {model.vocab_size}) does not share the "
@@ -225,18 +232,13 @@ class Combined(Frozen):
     def encode(self, prompts: list[str]) -> Prompts:
         return self.base.encode(prompts)
 
-    def _models(self) -> list[Optional[LocalBase]]:
-        """Each term's model (None: the base), in ``arithmetic.weights``' order."""
-        models = iter(self.arithmetic.models)
-        return [None if path is None else next(models) for path in self.arithmetic.paths]
-
     @torch.no_grad()
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Optional[Caches] = None, body=None) -> tuple[Tensor, Caches]:
         """``LocalBase.forward``: the combined next-token log-probs [B, V] after the last position, and the caches.
 
         The first call (no cache) reads the prompts; a model with a chat template reads each as a user turn of its own
         (``LocalBase.encode`` of the prompt's text), then the same new tokens at its own positions."""
-        models, first = self._models(), cache is None
+        models, first = self.arithmetic.terms(), cache is None
         cache = Caches([None] * (1 + len(models))) if first else cache
         base_logprobs, base_cache = self.base(ids, mask, positions, cache[0])
         nucleus_of = base_logprobs
